@@ -1,0 +1,105 @@
+"""The model card: identity, intended use, input geometry, labels and thresholds.
+
+It is a JSON file next to the checkpoint (``model_card.json``). The node reads the label
+set, codes, colours and per-class thresholds from it, and writes its name and version
+into the SEG's algorithm identification and the SR's contributing equipment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import UniCTConfig
+from model.labels import DEFAULT_LABELS, Abnormality, CodedConcept
+
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE. Research and engineering demonstration only."
+
+
+@dataclass(frozen=True)
+class LabelCard:
+    """One abnormality as the card carries it, with its decision threshold."""
+
+    abnormality: Abnormality
+    threshold: float
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint is, what it was trained on, and how to use its outputs."""
+
+    name: str
+    version: str
+    config: UniCTConfig
+    labels: tuple[LabelCard, ...]
+    training_data: str
+    intended_use: str
+    clinical_use: str = NOT_FOR_CLINICAL_USE
+    manufacturer: str = "UniCT Node project"
+    training_command: str = ""
+    checkpoint_file: str = "unict.pt"
+    checkpoint_sha256: str = ""
+    tokenizer_file: str = "tokenizer.json"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """Per-class thresholds, in label order."""
+        return tuple(lc.threshold for lc in self.labels)
+
+    @property
+    def abnormalities(self) -> tuple[Abnormality, ...]:
+        """The label set, in output order."""
+        return tuple(lc.abnormality for lc in self.labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        d["input"] = {
+            "orientation": self.config.preprocess.orientation,
+            "spacing_mm": list(self.config.preprocess.spacing_mm),
+            "size": list(self.config.preprocess.size),
+            "hu_window": list(self.config.preprocess.hu_window),
+            "scaling": f"(clip(hu, {self.config.preprocess.hu_window[0]:g}, {self.config.preprocess.hu_window[1]:g}) + 1000) / 1200 + ({self.config.preprocess.offset})",
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        """Inverse of :meth:`to_dict`; unknown keys are refused."""
+        known = {f for f in cls.__dataclass_fields__}
+        extra = set(data) - known - {"input"}
+        if extra:
+            raise ValueError(f"model card has unknown keys: {sorted(extra)}")
+        labels = tuple(
+            LabelCard(
+                abnormality=Abnormality(
+                    code=lc["abnormality"]["code"],
+                    key=lc["abnormality"]["key"],
+                    name=lc["abnormality"]["name"],
+                    concept=CodedConcept(**lc["abnormality"]["concept"]),
+                    color_rgb=tuple(lc["abnormality"]["color_rgb"]),  # type: ignore[arg-type]
+                ),
+                threshold=float(lc["threshold"]),
+            )
+            for lc in data["labels"]
+        )
+        rest = {k: v for k, v in data.items() if k not in ("config", "labels", "input")}
+        return cls(config=UniCTConfig.from_dict(data["config"]), labels=labels, **rest)
+
+    def save(self, path: Path) -> None:
+        """Write the card as indented JSON."""
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> ModelCard:
+        """Read a card written by :meth:`save`."""
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def default_labels(threshold: float = 0.5) -> tuple[LabelCard, ...]:
+    """The default label set with one threshold for all classes."""
+    return tuple(LabelCard(a, threshold) for a in DEFAULT_LABELS)

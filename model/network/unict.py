@@ -1,0 +1,88 @@
+"""UniCT: encoder -> task adapters -> multi-task fusion -> modulated dense path and task heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from model.config import UniCTConfig
+from model.network.encoder import CTScrollEncoder
+from model.network.fusion import MultiTaskFusion, TaskAdapters
+from model.network.heads import ClassificationHead, ReportDecoder, SegmentationDecoder
+
+
+class UniCTOutput(NamedTuple):
+    """One forward pass.
+
+    Attributes
+    ----------
+    cls_logits
+        ``(B, L)`` abnormality logits.
+    seg_logits
+        ``(B, L, D, H, W)`` segmentation logits on the model grid.
+    fusion_attention
+        ``(B, 3, 3)`` task-by-task attention averaged over heads (cls, seg, report).
+    memory
+        ``(B, 2 + T, d)`` what the report decoder attends to.
+    """
+
+    cls_logits: Tensor
+    seg_logits: Tensor
+    fusion_attention: Tensor
+    memory: Tensor
+
+
+class UniCT(nn.Module):
+    """The unified multi-task model for 3D chest CT.
+
+    Parameters
+    ----------
+    cfg
+        Sizes and ablation switches (:mod:`model.config`).
+    vocab_size
+        Size of the report tokenizer's vocabulary.
+    """
+
+    def __init__(self, cfg: UniCTConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.encoder = CTScrollEncoder(cfg)
+        self.adapters = TaskAdapters(cfg.d_model, cfg.heads)
+        self.fusion = MultiTaskFusion(cfg.d_model, cfg.heads, cfg.fusion_layers, cfg.dropout, cfg.ablation.fusion)
+        self.classifier = ClassificationHead(cfg.d_model, cfg.cls_hidden, cfg.num_labels)
+        self.segmenter = SegmentationDecoder(cfg.resnet_widths, cfg.d_model, cfg.num_labels, cfg.ablation.modulation)
+        self.reporter = ReportDecoder(vocab_size, cfg.d_model, cfg.heads, cfg.decoder_layers, cfg.dropout)
+
+    def forward(self, volume: Tensor, full_resolution_seg: bool = True, with_segmentation: bool = True) -> UniCTOutput:
+        """Run the visual path on ``(B, D, H, W)`` (or ``(B, 1, D, H, W)``) preprocessed volumes.
+
+        With ``full_resolution_seg=False`` the segmentation logits stay at half the in-plane
+        resolution (what training uses; targets are pooled to match). With
+        ``with_segmentation=False`` the dense path is skipped and ``seg_logits`` is empty
+        (training without segmentation supervision).
+        """
+        if volume.dim() == 5:
+            volume = volume[:, 0]
+        enc = self.encoder(volume)
+        tasks = self.adapters(enc.slice_tokens, enc.global_token)
+        fused, attention = self.fusion(tasks)
+        t_cls, t_seg, t_rep = fused[:, 0], fused[:, 1], fused[:, 2]
+        cls_logits = self.classifier(t_cls)
+        if with_segmentation:
+            out_size = (volume.shape[2], volume.shape[3]) if full_resolution_seg else None
+            seg_logits = self.segmenter(enc.skips, enc.slice_tokens, t_seg, out_size)
+        else:
+            seg_logits = volume.new_zeros((volume.shape[0], self.cfg.num_labels, 0, 0, 0))
+        memory = torch.cat([t_rep[:, None], t_cls[:, None], enc.slice_tokens], dim=1)
+        return UniCTOutput(cls_logits, seg_logits, attention, memory)
+
+    def report_logits(self, tokens: Tensor, memory: Tensor) -> Tensor:
+        """Teacher-forced report logits (B, L, V)."""
+        return self.reporter(tokens, memory)  # type: ignore[no-any-return]
+
+    def generate_report(self, memory: Tensor, bos: int, eos: int, max_len: int | None = None) -> Tensor:
+        """Greedy report tokens for each memory in the batch."""
+        return self.reporter.greedy(memory, bos, eos, max_len or self.cfg.max_report_tokens)

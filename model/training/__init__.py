@@ -1,0 +1,1 @@
+"""Training and evaluation of UniCT on generated chest-CT phantoms (or real datasets)."""

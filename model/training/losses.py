@@ -1,0 +1,75 @@
+"""UniCT losses: BCE for classification, Dice + BCE for segmentation, token cross-entropy for reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import AblationConfig
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The lambdas of ``l_cls * BCE + l_seg * (Dice + BCE) + l_rep * CE``; all 1 to start."""
+
+    classification: float = 1.0
+    segmentation: float = 1.0
+    report: float = 1.0
+
+    def under(self, ablation: AblationConfig) -> LossWeights:
+        """Zero the weight of every task whose supervision the ablation removes."""
+        return LossWeights(
+            self.classification if ablation.classification_supervision else 0.0,
+            self.segmentation if ablation.segmentation_supervision else 0.0,
+            self.report if ablation.report_supervision else 0.0,
+        )
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """1 - soft Dice per (case, class), averaged over the pairs where the target is non-empty.
+
+    Empty targets are left to the BCE term (a Dice of an empty mask is undefined).
+    """
+    prob = torch.sigmoid(logits.float()).flatten(2)
+    tgt = target.float().flatten(2)
+    inter = (prob * tgt).sum(-1)
+    denom = prob.sum(-1) + tgt.sum(-1)
+    dice = (2 * inter + eps) / (denom + eps)
+    present = tgt.sum(-1) > 0
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    return (1.0 - dice[present]).mean()
+
+
+def report_loss(logits: Tensor, tokens: Tensor, pad_id: int) -> Tensor:
+    """Next-token cross-entropy; ``logits`` (B, L-1, V) predict ``tokens[:, 1:]``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=pad_id)
+
+
+def multitask_loss(
+    cls_logits: Tensor,
+    seg_logits: Tensor,
+    rep_logits: Tensor | None,
+    present: Tensor,
+    masks: Tensor,
+    tokens: Tensor,
+    pad_id: int,
+    weights: LossWeights,
+) -> tuple[Tensor, dict[str, float]]:
+    """The weighted sum and its parts (for logging)."""
+    parts: dict[str, Tensor] = {}
+    total = cls_logits.sum() * 0.0
+    if weights.classification:
+        parts["cls"] = F.binary_cross_entropy_with_logits(cls_logits.float(), present)
+        total = total + weights.classification * parts["cls"]
+    if weights.segmentation:
+        parts["seg_bce"] = F.binary_cross_entropy_with_logits(seg_logits.float(), masks)
+        parts["seg_dice"] = soft_dice_loss(seg_logits, masks)
+        total = total + weights.segmentation * (parts["seg_bce"] + parts["seg_dice"])
+    if weights.report and rep_logits is not None:
+        parts["rep"] = report_loss(rep_logits, tokens, pad_id)
+        total = total + weights.report * parts["rep"]
+    return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,283 @@
+"""``unict-node train``: train UniCT on generated phantoms, resumable, and export a bundle.
+
+The run directory holds ``last.pt`` (model, optimiser, schedule, step, RNG states) written
+every ``--checkpoint-every`` steps, so ``--resume`` continues where a run stopped. At the
+end, per-class thresholds are tuned on the validation cases (maximum F1) and the bundle
+(weights in float16, model card, tokenizer) is written to ``--export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model.bundle import CARD_FILE, sha256_of
+from model.card import ModelCard, default_labels
+from model.config import UniCTConfig, get_config
+from model.network import UniCT
+from model.tokenizer import Tokenizer
+from model.training.data import CaseDataset, build_cache
+from model.training.losses import LossWeights, multitask_loss
+from model.training.metrics import f1_score
+
+logger = logging.getLogger(__name__)
+
+TRAINING_DATA = (
+    "Synthetic chest-CT phantoms from this project's generator (model.phantom): body wall, "
+    "lungs with vessels and airways, heart, aorta, spine and ribs in HU, with the 10 "
+    "abnormalities inserted with voxel masks and template reports. No patient data."
+)
+INTENDED_USE = (
+    "Demonstration and integration testing of the UniCT Node DICOM pipeline on synthetic "
+    "data; a site trains the full configuration on its own data with the same command."
+)
+
+
+def parse_seed_range(text: str) -> range:
+    """``"START:COUNT"`` -> ``range(START, START + COUNT)``."""
+    try:
+        start, count = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:COUNT, got {text!r}") from None
+    return range(start, start + count)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``unict-node train``."""
+    parser.add_argument("--config", default="small", choices=["small", "full"], help="model configuration")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/small"), help="checkpoints and logs")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="generated cases (reused)")
+    parser.add_argument("--train-seeds", type=parse_seed_range, default=parse_seed_range("0:600"), help="START:COUNT")
+    parser.add_argument("--val-seeds", type=parse_seed_range, default=parse_seed_range("900000:48"), help="START:COUNT")
+    parser.add_argument("--steps", type=int, default=3000, help="optimisation steps (the training budget)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    parser.add_argument("--lambda-cls", type=float, default=1.0)
+    parser.add_argument("--lambda-seg", type=float, default=1.0)
+    parser.add_argument("--lambda-rep", type=float, default=1.0)
+    parser.add_argument("--no-fusion", action="store_true", help="ablation: no multi-task fusion")
+    parser.add_argument("--no-modulation", action="store_true", help="ablation: no segmentation-conditioned FiLM")
+    parser.add_argument("--no-cls-supervision", action="store_true", help="ablation: no classification loss")
+    parser.add_argument("--no-seg-supervision", action="store_true", help="ablation: no segmentation loss")
+    parser.add_argument("--no-report-supervision", action="store_true", help="ablation: no report loss")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument("--export", type=Path, default=None, help="write the bundle (weights, card, tokenizer) here")
+    parser.add_argument("--version", default="0.1.0", help="model version recorded in the card")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> UniCTConfig:
+    """The configuration with the ablation switches of the command line."""
+    return get_config(args.config).with_ablation(
+        fusion=not args.no_fusion,
+        modulation=not args.no_modulation,
+        classification_supervision=not args.no_cls_supervision,
+        segmentation_supervision=not args.no_seg_supervision,
+        report_supervision=not args.no_report_supervision,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    thresholds: tuple[float, ...]
+    bundle_dir: Path | None
+
+
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tune_thresholds(probs: np.ndarray[Any, Any], present: np.ndarray[Any, Any]) -> tuple[float, ...]:
+    """Per-class threshold maximising F1 on validation (0.5 for a class without positives)."""
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    out = []
+    for c in range(probs.shape[1]):
+        if not present[:, c].any():
+            out.append(0.5)
+            continue
+        scores = [f1_score(present[:, c], probs[:, c] >= t) for t in grid]
+        best = max(scores)
+        # Among equally good thresholds take the middle one: less brittle than the first.
+        ties = [t for t, s in zip(grid, scores, strict=True) if s >= best - 1e-9]
+        out.append(float(ties[len(ties) // 2]))
+    return tuple(out)
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """Run (or resume) a training run as described by parsed ``train`` arguments."""
+    cfg = config_from_args(args)
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_dir: Path = args.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = args.cache_dir / cfg.name
+    progress = not args.no_progress and sys.stderr.isatty()
+
+    logger.info("generating %d training and %d validation cases in %s", len(args.train_seeds), len(args.val_seeds), cache)
+    started = time.perf_counter()
+    train_paths = list(tqdm(build_cache(args.train_seeds, cfg.preprocess, cache, workers=args.workers),
+                            total=len(args.train_seeds), desc="phantoms", disable=not progress))
+    val_paths = list(build_cache(args.val_seeds, cfg.preprocess, cache, workers=args.workers))
+    logger.info("cases ready in %.0f s", time.perf_counter() - started)
+
+    tokenizer_path = run_dir / "tokenizer.json"
+    if args.resume and tokenizer_path.exists():
+        tokenizer = Tokenizer.load(tokenizer_path)
+    else:
+        reports = [str(np.load(p)["report"]) for p in train_paths]
+        tokenizer = Tokenizer.train(reports)
+        tokenizer.save(tokenizer_path)
+    train_set = CaseDataset(train_paths, tokenizer, cfg.max_report_tokens, augment=True)
+    val_set = CaseDataset(val_paths, tokenizer, cfg.max_report_tokens)
+
+    model = UniCT(cfg, len(tokenizer))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_at(s, args.steps, args.warmup))
+    weights = LossWeights(args.lambda_cls, args.lambda_seg, args.lambda_rep).under(cfg.ablation)
+    step = 0
+    last = run_dir / "last.pt"
+    if args.resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed %s at step %d", last, step)
+
+    generator = torch.Generator().manual_seed(args.seed + step)
+    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator)
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress)
+    running = 0.0
+    log = (run_dir / "train_log.jsonl").open("a", encoding="utf-8")
+    t0 = time.perf_counter()
+    while step < args.steps:
+        for batch in loader:
+            if step >= args.steps:
+                break
+            out = model(batch["image"], full_resolution_seg=False, with_segmentation=bool(weights.segmentation))
+            masks = F.avg_pool3d(batch["masks"], kernel_size=(1, 2, 2))
+            rep_logits = model.report_logits(batch["tokens"][:, :-1], out.memory) if weights.report else None
+            loss, parts = multitask_loss(
+                out.cls_logits, out.seg_logits, rep_logits, batch["present"], masks,
+                batch["tokens"], tokenizer.pad_id, weights,
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            schedule.step()
+            step += 1
+            value = float(loss.detach())
+            running = 0.98 * running + 0.02 * value if step > 1 else value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}")
+            if step % 20 == 0 or step == args.steps:
+                log.write(json.dumps({"step": step, "loss": value, **parts, "lr": schedule.get_last_lr()[0],
+                                      "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
+                log.flush()
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                _save_state(last, model, optimiser, schedule, step)
+    bar.close()
+    log.close()
+    seconds = time.perf_counter() - t0
+
+    thresholds = tune_thresholds(*_predict_probs(model, val_set))
+    bundle_dir = None
+    if args.export is not None:
+        bundle_dir = export_bundle(model, cfg, tokenizer, thresholds, args.export, args)
+    return TrainResult(run_dir, step, seconds, running, thresholds, bundle_dir)
+
+
+def _save_state(path: Path, model: UniCT, optimiser: torch.optim.Optimizer, schedule: Any, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+         "step": step, "torch_rng": torch.get_rng_state(), "config": model.cfg.to_dict()},
+        tmp,
+    )
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def _predict_probs(model: UniCT, dataset: CaseDataset) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    model.eval()
+    probs, present = [], []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        out = model(item["image"][None])
+        probs.append(torch.sigmoid(out.cls_logits)[0].numpy())
+        present.append(item["present"].numpy() > 0.5)
+    model.train()
+    return np.stack(probs), np.stack(present)
+
+
+def export_bundle(
+    model: UniCT,
+    cfg: UniCTConfig,
+    tokenizer: Tokenizer,
+    thresholds: tuple[float, ...],
+    directory: Path,
+    args: argparse.Namespace,
+) -> Path:
+    """Write weights (float16), tokenizer and model card into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"unict-{cfg.name}.pt"
+    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": state}, weights)
+    tokenizer.save(directory / "tokenizer.json")
+    labels = tuple(replace(lc, threshold=t) for lc, t in zip(default_labels(), thresholds, strict=True))
+    command = "unict-node train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    card = ModelCard(
+        name=f"UniCT-{cfg.name}",
+        version=args.version,
+        config=cfg,
+        labels=labels,
+        training_data=TRAINING_DATA + f" Training seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}, "
+        f"validation seeds {args.val_seeds.start}-{args.val_seeds.stop - 1}, {args.steps} steps.",
+        intended_use=INTENDED_USE,
+        training_command=command.strip(),
+        checkpoint_file=weights.name,
+        checkpoint_sha256=sha256_of(weights),
+    )
+    card.save(directory / CARD_FILE)
+    return directory
