@@ -32,7 +32,7 @@ Opset 18
     release; LayerNormalization is one node (TensorRT keeps it in FP32 in FP16 builds).
 Dynamic axes
     ``batch`` and ``slices`` of the input (and the matching output axes, plus
-    ``memory_tokens = 2 + slices / 3``) are symbolic: positions are sinusoidal and the
+    ``memory_tokens = 3 + slices / 3``) are symbolic: positions are sinusoidal and the
     banded attention masks are computed from the token count, so one graph serves any
     slice count. ``slices`` must be a multiple of 3 (slice triplets: the graph reshapes
     ``D`` into ``D / 3`` 3-channel images; other counts fail in that Reshape, so the

@@ -17,7 +17,7 @@ output ``seg_probs``
 output ``fusion_attention``
     ``(batch, 3, 3)`` task-by-task attention.
 output ``memory``
-    ``(batch, 2 + slices / 3, d)`` what the report decoder attends to.
+    ``(batch, 3 + slices / 3, d)`` what the report decoder attends to.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class ModelCard:
                     key=lc["abnormality"]["key"],
                     name=lc["abnormality"]["name"],
                     concept=CodedConcept(**lc["abnormality"]["concept"]),
-                    color_rgb=tuple(lc["abnormality"]["color_rgb"]),  # type: ignore[arg-type]
+                    color_rgb=tuple(lc["abnormality"]["color_rgb"]),
                 ),
                 threshold=float(lc["threshold"]),
             )

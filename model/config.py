@@ -115,9 +115,9 @@ class UniCTConfig:
             **{
                 **{k: v for k, v in data.items() if k not in ("preprocess", "ablation")},
                 "preprocess": PreprocessConfig(
-                    spacing_mm=tuple(pre["spacing_mm"]),  # type: ignore[arg-type]
-                    size=tuple(pre["size"]),  # type: ignore[arg-type]
-                    hu_window=tuple(pre["hu_window"]),  # type: ignore[arg-type]
+                    spacing_mm=tuple(pre["spacing_mm"]),
+                    size=tuple(pre["size"]),
+                    hu_window=tuple(pre["hu_window"]),
                     offset=float(pre["offset"]),
                     orientation=str(pre["orientation"]),
                 ),

@@ -2,7 +2,8 @@
 
 Each run of 3 consecutive slices is a 3-channel 2D image; a 2D ResNet-18 (MONAI's, trained
 from scratch) encodes it; global average pooling and a projection give one token per
-triplet. The scrolling block (global, caudal->cranial banded, cranial->caudal banded
+triplet. We concatenate global max pooling to the average (CT-Scroll uses the average
+alone): a 6 mm nodule fills a hundredth of a triplet's map, and the average dilutes it. The scrolling block (global, caudal->cranial banded, cranial->caudal banded
 attention) mixes the tokens along the body axis. Slice-level representation: the tokens;
 global representation: their mean. The ResNet stage outputs are kept as skips for the
 segmentation decoder.
@@ -84,7 +85,7 @@ class CTScrollEncoder(nn.Module):
         self.cfg = cfg
         self.backbone = TripletResNet(cfg.resnet_widths)
         self.project = nn.Sequential(
-            nn.Linear(cfg.resnet_widths[3], cfg.d_model), nn.ReLU(), nn.Dropout(0.2)
+            nn.Linear(2 * cfg.resnet_widths[3], cfg.d_model), nn.ReLU(), nn.Dropout(0.2)
         )
         self.scroll = ScrollingBlock(cfg.d_model, cfg.heads, cfg.scroll_window, cfg.dropout)
 
@@ -93,7 +94,7 @@ class CTScrollEncoder(nn.Module):
         t = d // 3
         triplets = volume.reshape(b * t, 3, h, w)
         skips = self.backbone(triplets)
-        pooled = skips[-1].mean(dim=(2, 3))
+        pooled = torch.cat([skips[-1].mean(dim=(2, 3)), skips[-1].amax(dim=(2, 3))], dim=1)
         tokens = self.project(pooled).reshape(b, t, self.cfg.d_model)
         tokens = tokens + sinusoidal_positions(t, self.cfg.d_model, volume.device)[None]
         tokens = self.scroll(tokens)

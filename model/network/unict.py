@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import UniCTConfig
@@ -25,7 +26,8 @@ class UniCTOutput(NamedTuple):
     fusion_attention
         ``(B, 3, 3)`` task-by-task attention averaged over heads (cls, seg, report).
     memory
-        ``(B, 2 + T, d)`` what the report decoder attends to.
+        ``(B, 3 + T, d)`` what the report decoder attends to: the fused report and
+        classification tokens, a token of the predicted findings, the slice tokens.
     """
 
     cls_logits: Tensor
@@ -55,6 +57,19 @@ class UniCT(nn.Module):
         self.classifier = ClassificationHead(cfg.d_model, cfg.cls_hidden, cfg.num_labels)
         self.segmenter = SegmentationDecoder(cfg.resnet_widths, cfg.d_model, cfg.num_labels, cfg.ablation.modulation)
         self.reporter = ReportDecoder(vocab_size, cfg.d_model, cfg.heads, cfg.decoder_layers, cfg.dropout)
+        # Segmentation evidence for classification: a per-class affine of the mean of the
+        # top-k segmentation logits (zero at start: the head alone decides).
+        self.seg_evidence_scale = nn.Parameter(torch.zeros(cfg.num_labels))
+        self.seg_evidence_bias = nn.Parameter(torch.zeros(cfg.num_labels))
+        # The predicted findings as one more memory token of the report decoder.
+        self.findings_token = nn.Linear(cfg.num_labels, cfg.d_model)
+
+    @staticmethod
+    def segmentation_evidence(seg_logits: Tensor, full_resolution: bool, k: int = 16) -> Tensor:
+        """``(B, L)``: mean of the ``k`` largest half-resolution segmentation logits per class."""
+        x = F.avg_pool3d(seg_logits, kernel_size=(1, 2, 2)) if full_resolution else seg_logits
+        flat = x.flatten(2)
+        return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(dim=-1)
 
     def forward(self, volume: Tensor, full_resolution_seg: bool = True, with_segmentation: bool = True) -> UniCTOutput:
         """Run the visual path on ``(B, D, H, W)`` (or ``(B, 1, D, H, W)``) preprocessed volumes.
@@ -74,9 +89,12 @@ class UniCT(nn.Module):
         if with_segmentation:
             out_size = (volume.shape[2], volume.shape[3]) if full_resolution_seg else None
             seg_logits = self.segmenter(enc.skips, enc.slice_tokens, t_seg, out_size)
+            evidence = self.segmentation_evidence(seg_logits, full_resolution_seg)
+            cls_logits = cls_logits + self.seg_evidence_scale * evidence + self.seg_evidence_bias
         else:
             seg_logits = volume.new_zeros((volume.shape[0], self.cfg.num_labels, 0, 0, 0))
-        memory = torch.cat([t_rep[:, None], t_cls[:, None], enc.slice_tokens], dim=1)
+        findings = self.findings_token(torch.sigmoid(cls_logits))
+        memory = torch.cat([t_rep[:, None], t_cls[:, None], findings[:, None], enc.slice_tokens], dim=1)
         return UniCTOutput(cls_logits, seg_logits, attention, memory)
 
     def report_logits(self, tokens: Tensor, memory: Tensor) -> Tensor:

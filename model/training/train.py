@@ -82,6 +82,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from the weights of another run's last.pt (fresh optimiser and schedule; "
+        "parameters that run lacks keep their initialisation) and reuse its tokenizer",
+    )
     parser.add_argument("--export", type=Path, default=None, help="write the bundle (weights, card, tokenizer) here")
     parser.add_argument("--version", default="0.1.0", help="model version recorded in the card")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -159,7 +164,9 @@ def train(args: argparse.Namespace) -> TrainResult:
     logger.info("cases ready in %.0f s", time.perf_counter() - started)
 
     tokenizer_path = run_dir / "tokenizer.json"
-    if args.resume and tokenizer_path.exists():
+    if args.init_from is not None and not (args.resume and tokenizer_path.exists()):
+        Tokenizer.load(args.init_from.parent / "tokenizer.json").save(tokenizer_path)
+    if tokenizer_path.exists() and (args.resume or args.init_from is not None):
         tokenizer = Tokenizer.load(tokenizer_path)
     else:
         reports = [str(np.load(p)["report"]) for p in train_paths]
@@ -174,6 +181,12 @@ def train(args: argparse.Namespace) -> TrainResult:
     weights = LossWeights(args.lambda_cls, args.lambda_seg, args.lambda_rep).under(cfg.ablation)
     step = 0
     last = run_dir / "last.pt"
+    if args.init_from is not None and not (args.resume and last.exists()):
+        init = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        if unexpected:
+            raise ValueError(f"{args.init_from} has parameters this model lacks: {unexpected}")
+        logger.info("initialised from %s (step %s); new parameters: %s", args.init_from, init.get("step"), missing)
     if args.resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])

@@ -76,7 +76,7 @@ def test_graph_runs_at_other_batch_and_slice_counts(
     assert probs.shape == (batch, cfg.num_labels)
     assert seg.shape == (batch, cfg.num_labels, slices, *cfg.preprocess.size[1:])
     assert attention.shape == (batch, 3, 3)
-    assert memory.shape == (batch, 2 + slices // 3, cfg.d_model)
+    assert memory.shape == (batch, 3 + slices // 3, cfg.d_model)
     with torch.no_grad():
         expected = VisualPath(bundle.build("cpu")).eval()(torch.from_numpy(x))
     for got, want in zip((probs, seg, attention, memory), expected, strict=True):

@@ -28,7 +28,7 @@ def test_small_forward_shapes() -> None:
     assert out.cls_logits.shape == (1, 10)
     assert out.seg_logits.shape == (1, 10, d, h, w)
     assert out.fusion_attention.shape == (1, 3, 3)
-    assert out.memory.shape == (1, 2 + d // 3, SMALL.d_model)
+    assert out.memory.shape == (1, 3 + d // 3, SMALL.d_model)
     assert torch.allclose(out.fusion_attention.sum(-1), torch.ones(1, 3), atol=1e-5)
 
 
@@ -42,7 +42,7 @@ def test_full_configuration_shapes() -> None:
         out = model(torch.randn(2, 12, 64, 64))
     assert out.cls_logits.shape == (2, 10)
     assert out.seg_logits.shape == (2, 10, 12, 64, 64)
-    assert out.memory.shape == (2, 2 + 4, 512)
+    assert out.memory.shape == (2, 3 + 4, 512)
 
 
 def test_half_resolution_segmentation_for_training() -> None:

@@ -1,0 +1,1 @@
+"""UniCT Node: the DICOM node (receiver, jobs, pipeline, outputs, sender, HTTP)."""

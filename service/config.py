@@ -1,0 +1,609 @@
+"""The node's settings: ``config.yaml`` validated into one immutable :class:`Settings`.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo fails at
+start-up instead of being ignored. :func:`load_settings` reports a bad key with its dotted
+name and the line of the YAML file it is on (or the environment variable that set it).
+
+Environment variables ``UNICT_<SECTION>__<KEY>`` (``__`` between levels, e.g.
+``UNICT_DATABASE__URL``, ``UNICT_DICOM__TLS__ENABLED``) override the file; their values are
+read as YAML scalars or flow collections (``true``, ``5``, ``[A, B]``).
+
+Relative paths (spool, SQLite file, checkpoint and plan folders, TLS files) are resolved
+against the folder of the configuration file, not the working directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from sqlalchemy.engine import make_url
+
+from service.errors import ConfigError
+
+__all__ = [
+    "AssemblySettings",
+    "DatabaseSettings",
+    "Destination",
+    "DicomSettings",
+    "HttpSettings",
+    "LoggingSettings",
+    "ModelSettings",
+    "OutputsSettings",
+    "QueryPeer",
+    "SegOutputSettings",
+    "SelectionSettings",
+    "SenderSettings",
+    "Settings",
+    "SrOutputSettings",
+    "StorageSettings",
+    "TlsSettings",
+    "WorkersSettings",
+    "is_loopback",
+    "is_placeholder_secret",
+    "load_settings",
+]
+
+ENV_PREFIX = "UNICT_"
+ENV_SEPARATOR = "__"
+
+# Secrets that are obviously not secret: refused wherever the HTTP API is reachable from
+# another machine.
+_PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change_me", "change-me", "secret", "password", "token", "xxx", "todo"}
+)
+
+# PS3.5 §6.2: an AE title is 1-16 characters of the default repertoire, no backslash or
+# control characters, and not only spaces.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+def is_placeholder_secret(value: str) -> bool:
+    """Return whether `value` is empty or a well-known placeholder such as ``changeme``."""
+    return value.strip().lower() in _PLACEHOLDER_SECRETS
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether `host` (an address or ``localhost``) is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
+        )
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class TlsSettings(_Section):
+    """DICOM TLS for the listener (PS3.15 Annex B, the Basic TLS Secure Transport profile)."""
+
+    enabled: bool = False
+    cert_file: Path | None = Field(default=None, validate_default=True)
+    key_file: Path | None = Field(default=None, validate_default=True)
+    ca_file: Path | None = Field(default=None, validate_default=True)
+    require_client_cert: bool = False
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _needed_when_enabled(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None and info.data.get("enabled"):
+            raise ValueError("required when tls.enabled is true")
+        return value
+
+    @field_validator("require_client_cert")
+    @classmethod
+    def _ca_for_clients(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("ca_file") is None:
+            raise ValueError("require_client_cert needs tls.ca_file to verify clients against")
+        return value
+
+
+class DicomSettings(_Section):
+    """The DICOM listener (Storage SCP)."""
+
+    ae_title: AETitle = "UNICT"
+    port: Port = 11112
+    bind_address: str = "127.0.0.1"
+    allow_any_caller: bool = False
+    allowed_callers: tuple[str, ...] = Field(default=(), validate_default=True)
+    allowed_hosts: tuple[str, ...] | None = None
+    max_associations: int = Field(default=10, ge=1)
+    max_pdu: int = Field(default=65536, ge=0)
+    tls: TlsSettings = TlsSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        titles = tuple(_check_ae_title(v) for v in value)
+        if not titles and not info.data.get("allow_any_caller"):
+            raise ValueError("list the calling AE titles to accept (or set allow_any_caller: true)")
+        return titles
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{host!r} is not an IP address or network") from exc
+        return value
+
+
+class QueryPeer(_Section):
+    """Where to send a C-FIND to ask a sender how many instances a series has."""
+
+    host: str
+    port: Port
+    ae_title: AETitle | None = None
+    """The peer's AE title; defaults to the calling AE title the series came from."""
+
+
+class AssemblySettings(_Section):
+    """When a series counts as complete."""
+
+    quiet_period_s: float = Field(default=10.0, gt=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    query_sender_for_count: bool = False
+    query_timeout_s: float = Field(default=10.0, gt=0)
+    sender_query: dict[str, QueryPeer] = Field(default_factory=dict)
+
+
+class SelectionSettings(_Section):
+    """Declarative rules a series must pass to be analysed."""
+
+    modalities: tuple[str, ...] = ("CT",)
+    exclude_image_types: tuple[str, ...] = ("LOCALIZER",)
+    max_obliquity_deg: float = Field(default=10.0, ge=0, le=90)
+    slice_thickness_mm: tuple[float, float] = (0.5, 5.0)
+    min_slices: int = Field(default=40, ge=1)
+    series_description_exclude: tuple[str, ...] = ()
+    series_description_include: tuple[str, ...] = ()
+
+    @field_validator("slice_thickness_mm")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"need 0 < min <= max, got [{low}, {high}]")
+        return value
+
+    @field_validator("series_description_exclude", "series_description_include")
+    @classmethod
+    def _regexes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return value
+
+
+class Destination(_Section):
+    """A C-STORE destination for the outputs (usually the PACS that sent the series)."""
+
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str
+    port: Port
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class SenderSettings(_Section):
+    """C-STORE SCU retries and timeouts."""
+
+    max_attempts: int = Field(default=3, ge=1)
+    backoff_s: float = Field(default=2.0, ge=0)
+    max_backoff_s: float = Field(default=60.0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class StorageSettings(_Section):
+    """Where received instances are spooled."""
+
+    spool_dir: Path = Path("var/spool")
+    min_free_mb: int = Field(default=1024, ge=0)
+    results_dir: Path = Path("var/results")
+    """Per-job previews (PNG overlay) for admins and the demo."""
+
+
+class DatabaseSettings(_Section):
+    """The job store."""
+
+    url: str = "sqlite:///var/unict.db"
+    migrate_on_start: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except Exception as exc:  # sqlalchemy raises ArgumentError, but be sure to name the key
+            raise ValueError(f"not a database URL: {exc}") from exc
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        return value
+
+
+class HttpSettings(_Section):
+    """The admin/health HTTP API."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    token: SecretStr = Field(default=SecretStr(""), validate_default=True)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        host = info.data.get("host")
+        if (
+            host is not None
+            and not is_loopback(host)
+            and is_placeholder_secret(value.get_secret_value())
+        ):
+            raise ValueError(f"a real token is required when http.host ({host}) is not loopback")
+        return value
+
+    @property
+    def token_required(self) -> bool:
+        """Whether the job endpoints ask for the bearer token.
+
+        Always off loopback; on loopback only when a real (non-placeholder) token is set.
+        """
+        return not is_loopback(self.host) or not is_placeholder_secret(
+            self.token.get_secret_value()
+        )
+
+
+EngineName = Literal["tensorrt", "onnxruntime", "pytorch"]
+
+
+class ModelSettings(_Section):
+    """The model and the inference engines."""
+
+    checkpoint_dir: Path | None = None
+    engines: tuple[EngineName, ...] = Field(
+        default=("tensorrt", "onnxruntime", "pytorch"), min_length=1
+    )
+    plan_dir: Path = Path("var/plans")
+    threads: int | None = Field(default=None, ge=1)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint folder: the configured one, or the bundled ``model/checkpoints/small``."""
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        spec = find_spec("model")  # locates the package without importing it (and torch)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                "model.checkpoint_dir: null, and the bundled model package is missing"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "checkpoints" / "small"
+
+
+class SegOutputSettings(_Section):
+    """The DICOM Segmentation series written for each job."""
+
+    series_number: int = Field(default=9901, ge=1)
+    series_description: str = Field(default="UniCT segmentation", max_length=64)
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    omit_empty_frames: bool = False
+
+
+class SrOutputSettings(_Section):
+    """The TID 1500 Comprehensive 3D SR written for each job."""
+
+    series_number: int = Field(default=9902, ge=1)
+    series_description: str = Field(default="UniCT report", max_length=64)
+
+
+class OutputsSettings(_Section):
+    """What the node sends back."""
+
+    seg: SegOutputSettings = SegOutputSettings()
+    sr: SrOutputSettings = SrOutputSettings()
+
+
+class WorkersSettings(_Section):
+    """In-process worker threads."""
+
+    count: int = Field(default=1, ge=1)
+    lease_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=30.0, ge=0)
+    max_retry_backoff_s: float = Field(default=3600.0, ge=0)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+class LoggingSettings(_Section):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    json_lines: bool = Field(default=False, alias="json")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(_Section):
+    """All of the node's settings, validated once at start-up."""
+
+    dicom: DicomSettings
+    assembly: AssemblySettings = AssemblySettings()
+    selection: SelectionSettings = SelectionSettings()
+    destinations: tuple[Destination, ...] = ()
+    sender: SenderSettings = SenderSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    model: ModelSettings = ModelSettings()
+    outputs: OutputsSettings = OutputsSettings()
+    workers: WorkersSettings = WorkersSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicated)}")
+        return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Located:
+    """The composed YAML tree, to find the line of a dotted key."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.root = root
+
+    def exists(self, loc: tuple[str | int, ...]) -> bool:
+        """Whether the file itself has the key at `loc`."""
+        node = self.root
+        for step in loc:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == str(step)), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int):
+                node = node.value[step] if 0 <= step < len(node.value) else None
+            else:
+                return False
+            if node is None:
+                return False
+        return True
+
+    def node(self, loc: tuple[str | int, ...]) -> yaml.Node | None:
+        """Return the deepest node along `loc` (the key's node for the last step)."""
+        node = self.root
+        found = node
+        for step in loc:
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if isinstance(key, yaml.ScalarNode) and key.value == str(step):
+                        # Point at the key itself when it is the last step (extra or bad key).
+                        found = key if step == loc[-1] else value
+                        node = value
+                        break
+                else:
+                    return found
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int):
+                if 0 <= step < len(node.value):
+                    node = node.value[step]
+                    found = node
+                else:
+                    return found
+            else:
+                return found
+        return found
+
+
+def _check_duplicate_keys(node: yaml.Node | None, source: str, path: str = "") -> None:
+    # PyYAML keeps the last of two equal keys silently; an operator who wrote one twice
+    # meant something else.
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            dotted = f"{path}.{name}" if path else name
+            if name in seen:
+                raise ConfigError(
+                    f"{source}:{key.start_mark.line + 1}: {dotted}: duplicate key "
+                    f"(first at line {seen[name]})"
+                )
+            seen[name] = key.start_mark.line + 1
+            _check_duplicate_keys(value, source, dotted)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, source, f"{path}[{i}]")
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for step in loc:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Apply ``UNICT_SECTION__KEY`` overrides to `data`; return which paths came from where."""
+    applied: dict[tuple[str, ...], str] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
+            continue  # e.g. UNICT_TEST_POSTGRES_URL is not a settings override
+        path = tuple(p.lower() for p in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR))
+        if any(not p for p in path):
+            raise ConfigError(f"environment variable {name}: empty key between '__'")
+        raw = env[name]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a YAML value: {exc}") from exc
+        target = data
+        for depth, step in enumerate(path[:-1]):
+            child = target.get(step)
+            if child is None:
+                child = target[step] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"environment variable {name}: {'.'.join(path[: depth + 1])} is not a section"
+                )
+            target = child
+        target[path[-1]] = value
+        applied[path] = name
+    return applied
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    url = make_url(settings.database.url)
+    database = settings.database
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        db_file = _resolve(Path(url.database), base)
+        database = database.model_copy(
+            update={"url": url.set(database=str(db_file)).render_as_string(hide_password=False)}
+        )
+    tls = settings.dicom.tls
+    tls = tls.model_copy(
+        update={
+            "cert_file": _resolve(tls.cert_file, base),
+            "key_file": _resolve(tls.key_file, base),
+            "ca_file": _resolve(tls.ca_file, base),
+        }
+    )
+    model = settings.model.model_copy(
+        update={
+            "checkpoint_dir": _resolve(settings.model.checkpoint_dir, base),
+            "plan_dir": _resolve(settings.model.plan_dir, base),
+        }
+    )
+    storage = settings.storage.model_copy(
+        update={
+            "spool_dir": _resolve(settings.storage.spool_dir, base),
+            "results_dir": _resolve(settings.storage.results_dir, base),
+        }
+    )
+    return settings.model_copy(
+        update={
+            "database": database,
+            "dicom": settings.dicom.model_copy(update={"tls": tls}),
+            "model": model,
+            "storage": storage,
+        }
+    )
+
+
+def load_settings(path: Path, env: Mapping[str, str] = os.environ) -> Settings:
+    """Read, override and validate the node's settings.
+
+    Parameters
+    ----------
+    path
+        The YAML configuration file. Relative paths inside it are resolved against its folder.
+    env
+        Environment; ``UNICT_<SECTION>__<KEY>`` variables override the file.
+
+    Returns
+    -------
+    Settings
+        The immutable, validated settings.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a key is unknown or invalid; the message names
+        the dotted key and the file's line (or the environment variable).
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the configuration: {exc.strerror}") from exc
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the configuration must be a mapping of sections")
+    _check_duplicate_keys(root, source)
+    from_env = _apply_env(data, env)
+    located = _Located(root)
+
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            env_name = next((name for p, name in from_env.items() if loc[: len(p)] == p), None)
+            if env_name is None and not located.exists(loc):
+                # e.g. an unknown section that only an environment variable introduced
+                env_name = next(
+                    (name for p, name in from_env.items() if p[: len(loc)] == loc), None
+                )
+            if env_name is not None:
+                where = f"environment variable {env_name}"
+            else:
+                node = located.node(loc)
+                line = node.start_mark.line + 1 if node is not None else 1
+                where = f"{source}:{line}"
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            lines.append(f"{where}: {_dotted(loc) or '<root>'}: {message}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return _resolve_paths(settings, path.resolve().parent)

@@ -1,0 +1,262 @@
+"""The node: job store, DICOM listener, assembler, workers and HTTP API wired together.
+
+Typical use (the integrator's CLI)::
+
+    settings = load_settings(Path("config.yaml"))
+    setup_logging(settings.logging)
+    node = Node(settings, processor=my_processor, engine_status=my_engine_status)
+    node.start()          # migrations (if configured), listener bound, threads running
+    ...                   # until SIGTERM
+    node.stop()
+
+The processor is ``Callable[[ClaimedJob], ProcessOutcome]`` (see :mod:`service.worker`);
+``engine_status`` answers ``(loaded, detail)`` for ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+import uvicorn
+
+from service.assembly import Assembler, CFindCounter, SeriesCounter
+from service.config import Settings
+from service.http import Check, create_app
+from service.receiver import Receiver
+from service.sender import Sender
+from service.store import Clock, JobStore, RetryPolicy, run_migrations, utc_now
+from service.worker import Processor, SendFunction, Workers
+
+__all__ = ["EngineStatus", "Node"]
+
+logger = logging.getLogger(__name__)
+
+EngineStatus = Callable[[], tuple[bool, str]]
+"""Whether the inference engine is loaded, and a line saying which or why not."""
+
+
+class Node:
+    """One UniCT node.
+
+    Parameters
+    ----------
+    settings
+        The validated settings.
+    processor
+        Runs the analysis of a claimed job (the pipeline).
+    engine_status
+        Readiness of the inference engine.
+    clock
+        Time source of the job store (tests inject a fake one).
+    send
+        Replaces the C-STORE :class:`~service.sender.Sender` (tests).
+    counter
+        Replaces the C-FIND series counter built from ``assembly.sender_query``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: Processor,
+        engine_status: EngineStatus,
+        *,
+        clock: Clock = utc_now,
+        send: SendFunction | None = None,
+        counter: SeriesCounter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine_status = engine_status
+        self._store = JobStore(
+            settings.database.url,
+            clock=clock,
+            retry=RetryPolicy(
+                max_attempts=settings.workers.max_attempts,
+                backoff_s=settings.workers.retry_backoff_s,
+                max_backoff_s=settings.workers.max_retry_backoff_s,
+            ),
+        )
+        if counter is None and settings.assembly.query_sender_for_count:
+            counter = CFindCounter(
+                settings.dicom.ae_title,
+                settings.assembly.sender_query,
+                settings.assembly.query_timeout_s,
+            )
+        self.assembler = Assembler(
+            self._store, settings.assembly, settings.selection, counter=counter
+        )
+        self.receiver = Receiver(
+            settings.dicom, settings.storage, self._store, listener=self.assembler
+        )
+        self.sender: SendFunction = send or Sender(
+            settings.destinations, settings.sender, calling_ae=settings.dicom.ae_title
+        )
+        self.workers = Workers(self._store, processor, self.sender, settings.workers)
+        token = settings.http.token.get_secret_value() if settings.http.token_required else None
+        self.app = create_app(self, token=token)
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._started = False
+
+    @property
+    def store(self) -> JobStore:
+        """The job store (job records: ``list_jobs``, ``get_job``, ``retry``)."""
+        return self._store
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, *, http: bool = True) -> None:
+        """Start everything; on any failure stop what was started and re-raise.
+
+        Parameters
+        ----------
+        http
+            Also serve the HTTP API (uvicorn in a thread).
+        """
+        if self._started:
+            raise RuntimeError("the node is already running")
+        try:
+            if self.settings.database.migrate_on_start:
+                run_migrations(self.settings.database.url)
+            self._store.ping()
+            self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+            self.receiver.start()
+            self.assembler.start()
+            self.workers.start()
+            if http:
+                self._start_http()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        logger.info("node %s started", self.settings.dicom.ae_title)
+
+    def stop(self) -> None:
+        """Stop in reverse order: HTTP, listener, assembler, workers (running jobs finish)."""
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(timeout=10)
+            self._http = None
+            self._http_thread = None
+        self.receiver.stop()
+        self.assembler.stop()
+        self.workers.stop()
+        self._store.close()
+        if self._started:
+            logger.info("node %s stopped", self.settings.dicom.ae_title)
+        self._started = False
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start_http(self, timeout: float = 10.0) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host=self.settings.http.host,
+            port=self.settings.http.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+
+        def serve() -> None:
+            try:
+                server.run()
+            except SystemExit:
+                # uvicorn exits the process when it cannot bind; here that ends only its
+                # thread, and start() reports it.
+                logger.error("HTTP API stopped at start-up")
+
+        thread = threading.Thread(target=serve, name="unict-http", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(
+                    f"HTTP API could not start on {self.settings.http.host}:"
+                    f"{self.settings.http.port} (see the log)"
+                )
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError("HTTP API did not start in time")
+            time.sleep(0.01)
+        self._http, self._http_thread = server, thread
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def dicom_port(self) -> int:
+        """The DICOM listener's bound port."""
+        return self.receiver.port
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP API's bound port."""
+        if self._http is None or not self._http.servers:
+            raise RuntimeError("the HTTP API is not running")
+        sockets = self._http.servers[0].sockets
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def listener_bound(self) -> bool:
+        """Whether the DICOM listener is bound and serving."""
+        return self.receiver.is_bound
+
+    @property
+    def ready(self) -> bool:
+        """Whether every readiness check passes now."""
+        return all(c.ok for c in self.readiness())
+
+    def readiness(self) -> list[Check]:
+        """Run the readiness checks (what ``/readyz`` reports)."""
+        checks: list[Check] = []
+        try:
+            self._store.ping()
+            checks.append(Check("database", True, "reachable"))
+        except Exception as exc:
+            checks.append(Check("database", False, f"unreachable: {type(exc).__name__}"))
+        try:
+            loaded, detail = self.engine_status()
+        except Exception as exc:
+            loaded, detail = False, f"engine status failed: {exc}"
+        checks.append(Check("engine", loaded, detail))
+        if self.receiver.is_bound:
+            host, port = self.receiver.address
+            checks.append(
+                Check("dicom_listener", True, f"{self.settings.dicom.ae_title} on {host}:{port}")
+            )
+        else:
+            checks.append(Check("dicom_listener", False, "not bound"))
+        floor = self.settings.storage.min_free_mb
+        try:
+            free_mb = shutil.disk_usage(self.settings.storage.spool_dir).free // 2**20
+            checks.append(
+                Check("spool_space", free_mb >= floor, f"{free_mb} MB free, floor {floor} MB")
+            )
+        except OSError as exc:
+            checks.append(Check("spool_space", False, f"spool unusable: {exc.strerror}"))
+        checks.append(
+            Check(
+                "assembler",
+                self.assembler.is_alive,
+                "running" if self.assembler.is_alive else "not running",
+            )
+        )
+        alive, wanted = self.workers.alive, self.settings.workers.count
+        checks.append(Check("workers", alive == wanted, f"{alive} of {wanted} running"))
+        return checks

@@ -1,0 +1,222 @@
+"""One series through UniCT: load, preprocess, infer, postprocess, encode.
+
+Each stage is a plain function between frozen dataclasses, so each can be tested and
+timed alone; :func:`analyse_series` runs them in order, records the seconds each took
+under its :class:`~service.errors.Stage` name, and turns any failure into a
+:class:`~service.errors.StageError` that names the stage (the job store records it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from engines.base import Engine, InferenceResult
+from model.card import ModelCard
+from model.transforms import ModelInput, preprocess
+from service.errors import Stage, StageError
+from service.outputs.seg import build_seg
+from service.outputs.sr import build_sr
+from service.postprocess import AnalysisResult, postprocess
+from service.volume import SourceVolume, load_series
+
+logger = logging.getLogger(__name__)
+
+_MAX_REASON = 300
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the SEG and SR series are written.
+
+    Attributes
+    ----------
+    seg_series_number, seg_series_description
+        Of the SEG series.
+    sr_series_number, sr_series_description
+        Of the SR series.
+    segmentation_type
+        ``"BINARY"`` (default; every PACS and dciodvfy know it) or ``"LABELMAP"``.
+    omit_empty_frames
+        Leave frames without segmented pixels out of the SEG.
+    device_serial
+        Device Serial Number of the node (the host name when empty).
+    min_lesion_ml
+        Connected components smaller than this are dropped.
+    mask_threshold
+        Probability above which a voxel is in a finding's mask.
+    """
+
+    seg_series_number: int = 9901
+    seg_series_description: str = "UniCT segmentation (research)"
+    sr_series_number: int = 9902
+    sr_series_description: str = "UniCT findings (research)"
+    segmentation_type: str = "BINARY"
+    omit_empty_frames: bool = True
+    device_serial: str = ""
+    min_lesion_ml: float = 0.05
+    mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.segmentation_type not in ("BINARY", "LABELMAP"):
+            raise ValueError(
+                f"segmentation_type must be BINARY or LABELMAP, got {self.segmentation_type!r}"
+            )
+        if self.seg_series_number == self.sr_series_number:
+            raise ValueError("the SEG and SR series numbers must differ")
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineResult:
+    """The outputs of one analysed series.
+
+    Attributes
+    ----------
+    seg
+        The SEG instance, ``None`` when no finding had a mask.
+    sr
+        The Comprehensive 3D SR instance.
+    analysis
+        Findings, lesions and report text.
+    volume
+        The loaded source volume (for previews; not kept after the job).
+    timings
+        Seconds per stage, keyed by :class:`~service.errors.Stage`.
+    """
+
+    seg: Dataset | None
+    sr: Dataset
+    analysis: AnalysisResult
+    volume: SourceVolume
+    timings: Mapping[Stage, float]
+
+
+@contextmanager
+def _stage(stage: Stage, timings: dict[Stage, float]) -> Iterator[None]:
+    """Time a stage; re-raise anything but a :class:`StageError` as one for ``stage``."""
+    start = time.perf_counter()
+    try:
+        yield
+    except StageError:
+        raise
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+        logger.warning("stage %s failed: %s", stage.value, reason)
+        raise StageError(stage, reason) from exc
+    finally:
+        timings[stage] = time.perf_counter() - start
+
+
+def load_stage(paths: Sequence[Path]) -> SourceVolume:
+    """Stage ``load``: the series as one volume."""
+    return load_series(paths)
+
+
+def preprocess_stage(volume: SourceVolume, card: ModelCard) -> ModelInput:
+    """Stage ``preprocess``: the volume on the model grid."""
+    return preprocess(volume.hu, volume.affine_lps, card.config.preprocess)
+
+
+def infer_stage(engine: Engine, model_input: ModelInput) -> InferenceResult:
+    """Stage ``infer``: run the engine (loading it first if needed)."""
+    if not engine.loaded:
+        engine.load()
+    return engine.infer(model_input.image)
+
+
+def postprocess_stage(
+    result: InferenceResult,
+    model_input: ModelInput,
+    volume: SourceVolume,
+    card: ModelCard,
+    outputs: OutputOptions,
+) -> AnalysisResult:
+    """Stage ``postprocess``: decisions, masks on the source grid, lesions."""
+    return postprocess(
+        result,
+        model_input,
+        volume,
+        card,
+        min_lesion_ml=outputs.min_lesion_ml,
+        mask_threshold=outputs.mask_threshold,
+    )
+
+
+def encode_stage(
+    volume: SourceVolume, analysis: AnalysisResult, card: ModelCard, outputs: OutputOptions
+) -> tuple[Dataset | None, Dataset]:
+    """Stage ``encode``: the SEG (if any finding has a mask) and the SR."""
+    seg = build_seg(
+        volume,
+        analysis,
+        card,
+        series_number=outputs.seg_series_number,
+        series_description=outputs.seg_series_description,
+        segmentation_type=outputs.segmentation_type,
+        omit_empty_frames=outputs.omit_empty_frames,
+        device_serial=outputs.device_serial,
+    )
+    sr = build_sr(
+        volume,
+        analysis,
+        seg,
+        card,
+        series_number=outputs.sr_series_number,
+        series_description=outputs.sr_series_description,
+        device_serial=outputs.device_serial,
+    )
+    return seg, sr
+
+
+def analyse_series(
+    paths: Sequence[Path], engine: Engine, card: ModelCard, outputs: OutputOptions
+) -> PipelineResult:
+    """Run one series through every stage.
+
+    Parameters
+    ----------
+    paths
+        The series' instance files, in any order.
+    engine
+        The inference backend (loaded on first use).
+    card
+        The model card of the engine's checkpoint.
+    outputs
+        SEG/SR options.
+
+    Returns
+    -------
+    PipelineResult
+        SEG, SR, the analysis, and seconds per stage.
+
+    Raises
+    ------
+    service.errors.StageError
+        From the stage that failed (a :class:`~service.errors.SeriesGeometryError`
+        for series that do not form a volume).
+    """
+    timings: dict[Stage, float] = {}
+    with _stage(Stage.LOAD, timings):
+        volume = load_stage(paths)
+    with _stage(Stage.PREPROCESS, timings):
+        model_input = preprocess_stage(volume, card)
+    with _stage(Stage.INFER, timings):
+        result = infer_stage(engine, model_input)
+    with _stage(Stage.POSTPROCESS, timings):
+        analysis = postprocess_stage(result, model_input, volume, card, outputs)
+    with _stage(Stage.ENCODE, timings):
+        seg, sr = encode_stage(volume, analysis, card, outputs)
+    logger.info(
+        "analysed series %s with %s: %d present finding(s); %s",
+        volume.series_instance_uid,
+        analysis.engine,
+        len(analysis.present),
+        ", ".join(f"{stage.value} {seconds:.2f} s" for stage, seconds in timings.items()),
+    )
+    return PipelineResult(seg=seg, sr=sr, analysis=analysis, volume=volume, timings=timings)

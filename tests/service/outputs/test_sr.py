@@ -1,0 +1,268 @@
+"""build_sr: a TID 1500 report with every abnormality, every lesion and the report text."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage
+
+from model.labels import label_index
+from service.outputs.seg import build_seg
+from service.outputs.sr import ABSENT, PRESENT, PROBABILITY, THRESHOLD, build_sr
+from tests.service.dicom_fixtures import (
+    DCIODVFY,
+    DSRDUMP,
+    TID1500READER,
+    AnalysedPhantom,
+    Sphere,
+    analysed_phantom,
+    dciodvfy,
+    report_of,
+    save,
+    write_and_read,
+)
+
+NODULE = Sphere((-40.0, 10.0, 0.0), 18.0, label_index("nodule"))
+SECOND_NODULE = Sphere((50.0, 0.0, 10.0), 10.0, label_index("nodule"))
+GGO = Sphere((45.0, -5.0, -20.0), 12.0, label_index("ground_glass_opacity"))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> AnalysedPhantom:
+    return analysed_phantom(tmp_path_factory.mktemp("sr"), (NODULE, SECOND_NODULE, GGO))
+
+
+@pytest.fixture(scope="module")
+def seg(phantom: AnalysedPhantom) -> Dataset:
+    built = build_seg(
+        phantom.volume, phantom.analysis, phantom.card, series_number=301, series_description="SEG"
+    )
+    assert built is not None
+    return write_and_read(built)
+
+
+@pytest.fixture(scope="module")
+def sr(phantom: AnalysedPhantom, seg: Dataset) -> Dataset:
+    built = build_sr(
+        phantom.volume,
+        phantom.analysis,
+        seg,
+        phantom.card,
+        series_number=302,
+        series_description="UniCT SR",
+    )
+    return write_and_read(built)
+
+
+def _value(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+    name: hd.sr.CodedConcept | Code,
+) -> float:
+    (measurement,) = group.get_measurements(name=name)
+    return float(measurement.value)
+
+
+def test_document(sr: Dataset, seg: Dataset, phantom: AnalysedPhantom) -> None:
+    volume, card = phantom.volume, phantom.card
+    assert sr.SOPClassUID == Comprehensive3DSRStorage
+    assert sr.Modality == "SR" and sr.SeriesNumber == 302 and sr.SeriesDescription == "UniCT SR"
+    assert sr.StudyInstanceUID == volume.study_instance_uid
+    assert sr.PatientID == volume.datasets[0].PatientID
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "COMPLETE",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert sr.Manufacturer == card.manufacturer and sr.ManufacturerModelName == card.name
+    models = {
+        (e.ManufacturerModelName, e.SoftwareVersions) for e in sr.ContributingEquipmentSequence
+    }
+    assert (card.name, card.version) in models
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {ds.SOPInstanceUID for ds in volume.datasets} | {seg.SOPInstanceUID}
+    root = sr.ContentTemplateSequence[0]
+    assert root.TemplateIdentifier == "1500"
+
+
+def test_observer_is_the_model(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    report = report_of(sr)
+    (observer,) = report.get_observer_contexts(observer_type=codes.DCM.Device)
+    attributes = observer.observer_identifying_attributes
+    assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert attributes.name == phantom.card.name
+    assert attributes.model_name == phantom.card.version
+    assert attributes.manufacturer_name == phantom.card.manufacturer
+
+
+def test_one_group_per_abnormality(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    report = report_of(sr)
+    groups = report.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [
+        f.abnormality.name for f in phantom.analysis.findings
+    ]
+    for group, finding in zip(groups, phantom.analysis.findings, strict=True):
+        concept = hd.sr.CodedConcept(
+            finding.abnormality.concept.value,
+            finding.abnormality.concept.scheme,
+            finding.abnormality.concept.meaning,
+        )
+        (evaluation,) = group.get_qualitative_evaluations(name=concept)
+        assert evaluation.value == (PRESENT if finding.present else ABSENT)
+        assert _value(group, PROBABILITY) == pytest.approx(finding.probability, abs=1e-6)
+        assert _value(group, THRESHOLD) == pytest.approx(finding.threshold)
+        (probability,) = group.get_measurements(name=PROBABILITY)
+        assert probability.unit.value == "1"
+
+
+def test_one_volumetric_group_per_lesion(
+    sr: Dataset, seg: Dataset, phantom: AnalysedPhantom
+) -> None:
+    report = report_of(sr)
+    groups = report.get_volumetric_roi_measurement_groups()
+    lesions = [(f, lesion) for f in phantom.analysis.findings for lesion in f.lesions]
+    assert len(groups) == len(lesions) == 3
+    segment_of = {NODULE.label_index: 2, GGO.label_index: 1}  # card order: GGO (7), nodule (8)
+    for group, (finding, lesion) in zip(groups, lesions, strict=True):
+        assert (
+            group.tracking_identifier == f"{finding.abnormality.name} lesion {lesion.lesion_number}"
+        )
+        assert group.finding_type is not None
+        assert group.finding_type.value == finding.abnormality.concept.value
+        (site,) = group.finding_sites
+        assert site.value == codes.SCT.Lung
+        assert site.laterality == (
+            codes.SCT.Right if lesion.laterality == "right" else codes.SCT.Left
+        )
+        reference = group.referenced_segment
+        assert reference is not None
+        segment_item = reference[0]
+        assert segment_item.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert segment_item.referenced_sop_class_uid == seg.SOPClassUID
+        assert (
+            segment_item.ReferencedSOPSequence[0].ReferencedSegmentNumber
+            == segment_of[finding.index]
+        )
+        assert reference[1].value == phantom.volume.series_instance_uid
+        assert _value(group, codes.SCT.Volume) == pytest.approx(lesion.volume_ml, abs=1e-3)
+        assert _value(group, codes.SCT.LongAxis) == pytest.approx(
+            lesion.longest_axial_diameter_mm, abs=0.01
+        )
+        # Referenced Frame Number may not accompany Referenced Segment Number.
+        assert "ReferencedFrameNumber" not in segment_item.ReferencedSOPSequence[0]
+
+
+def test_report_text_in_qualitative_evaluations(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    root = sr.ContentSequence
+    (container,) = [
+        item
+        for item in root
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+    ]
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+        for item in container.ContentSequence
+    }
+    assert texts["Findings"] == phantom.analysis.report_text
+    assert "NOT FOR CLINICAL USE" in texts["Comment"]
+
+
+def test_without_seg_no_lesion_groups(phantom: AnalysedPhantom) -> None:
+    sr = write_and_read(
+        build_sr(
+            phantom.volume,
+            phantom.analysis,
+            None,
+            phantom.card,
+            series_number=2,
+            series_description="x",
+        )
+    )
+    report = report_of(sr)
+    assert len(report.get_image_measurement_groups()) == 10
+    assert report.get_volumetric_roi_measurement_groups() == []
+
+
+def test_seg_of_another_analysis_is_refused(phantom: AnalysedPhantom, seg: Dataset) -> None:
+    findings = list(phantom.analysis.findings)
+    findings[NODULE.label_index] = dataclasses.replace(
+        findings[NODULE.label_index], mask=None, lesions=()
+    )
+    other = dataclasses.replace(phantom.analysis, findings=tuple(findings))
+    other_seg = build_seg(
+        phantom.volume, other, phantom.card, series_number=5, series_description="x"
+    )
+    with pytest.raises(ValueError, match="not of this analysis"):
+        build_sr(
+            phantom.volume,
+            phantom.analysis,
+            other_seg,
+            phantom.card,
+            series_number=6,
+            series_description="x",
+        )
+
+
+@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) is not installed")
+def test_dciodvfy_finds_no_errors(sr: Dataset, tmp_path: Path) -> None:
+    result = dciodvfy(save(sr, tmp_path / "sr.dcm"))
+    assert not result.errors, result.output
+    assert result.returncode == 0, result.output
+
+
+@pytest.mark.skipif(DSRDUMP is None, reason="dsrdump (DCMTK) is not installed")
+def test_dsrdump_prints_the_tree(sr: Dataset, tmp_path: Path, phantom: AnalysedPhantom) -> None:
+    assert DSRDUMP is not None
+    proc = subprocess.run(
+        [DSRDUMP, str(save(sr, tmp_path / "sr.dcm"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Imaging Measurement Report" in proc.stdout
+    assert "Referenced Segment" in proc.stdout
+    assert "Qualitative Evaluations" in proc.stdout
+    assert phantom.analysis.report_text[:20] in proc.stdout
+
+
+@pytest.mark.skipif(TID1500READER is None, reason="dcmqi is not installed (pip install dcmqi)")
+def test_dcmqi_tid1500reader_parses(sr: Dataset, seg: Dataset, tmp_path: Path) -> None:
+    assert TID1500READER is not None
+    out = tmp_path / "sr.json"
+    proc = subprocess.run(
+        [
+            TID1500READER,
+            "--inputDICOM",
+            str(save(sr, tmp_path / "sr.dcm")),
+            "--outputMetadata",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metadata = json.loads(out.read_text())
+    measurements = metadata["Measurements"]
+    assert len(measurements) == 13
+    volumetric = [m for m in measurements if "ReferencedSegment" in m]
+    assert sorted(m["ReferencedSegment"] for m in volumetric) == [1, 2, 2]
+    assert {m["segmentationSOPInstanceUID"] for m in volumetric} == {seg.SOPInstanceUID}
+    assert metadata["procedureReported"]["CodeValue"] == "24627-2"
+    assert metadata["observerContext"]["ObserverType"] == "DEVICE"
