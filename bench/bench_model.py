@@ -23,7 +23,8 @@ from model.network import UniCT
 from model.transforms import preprocess
 
 
-def _volume(slices: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def realistic_volume(slices: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A realistic-grid phantom (512x512) with exactly ``slices`` slices: (HU, LPS affine)."""
     from model.phantom import realistic_grid, render, sample_case
 
     spec = sample_case(seed)
@@ -43,7 +44,9 @@ def _volume(slices: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -51,10 +54,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    hu, affine = _volume(args.slices, args.seed)
+    hu, affine = realistic_volume(args.slices, args.seed)
     if (DEFAULT_CHECKPOINT_DIR / "model_card.json").exists():
         bundle = load_bundle()
-        model, bos, eos, source = bundle.build(), bundle.tokenizer.bos_id, bundle.tokenizer.eos_id, "bundled checkpoint"
+        model, bos, eos, source = (
+            bundle.build(),
+            bundle.tokenizer.bos_id,
+            bundle.tokenizer.eos_id,
+            "bundled checkpoint",
+        )
     else:
         torch.manual_seed(0)
         model, bos, eos, source = UniCT(SMALL, 400).eval(), 1, 2, "random init (no bundle yet)"
@@ -72,8 +80,10 @@ def main() -> None:
             times["preprocess"].append(t1 - t0)
             times["forward"].append(t2 - t1)
             times["report"].append(t3 - t2)
-    print(f"UniCT small on {hu.shape[0]}x{hu.shape[1]}x{hu.shape[2]} ({source}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} repeats")
+    print(
+        f"UniCT small on {hu.shape[0]}x{hu.shape[1]}x{hu.shape[2]} ({source}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats"
+    )
     print(f"{'stage':<12}{'median s':>10}{'p95 s':>10}")
     for k, v in times.items():
         p95 = sorted(v)[max(0, round(0.95 * len(v)) - 1)]

@@ -90,6 +90,47 @@ class ModelCard:
         rest = {k: v for k, v in data.items() if k not in ("config", "labels", "input")}
         return cls(config=UniCTConfig.from_dict(data["config"]), labels=labels, **rest)
 
+    def to_markdown(self) -> str:
+        """A human-readable card (MODEL_CARD.md) with the same content as the JSON."""
+        pre = self.config.preprocess
+        lines = [
+            f"# Model card: {self.name} {self.version}",
+            "",
+            f"**{self.clinical_use}**",
+            "",
+            f"- Manufacturer: {self.manufacturer}",
+            f"- Configuration: `{self.config.name}` (input {' x '.join(map(str, pre.size))} voxels "
+            f"at {' x '.join(f'{s:g}' for s in pre.spacing_mm)} mm, orientation {pre.orientation}, "
+            f"HU window [{pre.hu_window[0]:g}, {pre.hu_window[1]:g}], scaled (hu + 1000) / 1200 + ({pre.offset:g}))",
+            f"- Weights: `{self.checkpoint_file}` (SHA-256 `{self.checkpoint_sha256}`), tokenizer `{self.tokenizer_file}`",
+            "",
+            "## Intended use",
+            "",
+            self.intended_use,
+            "",
+            "## Training data",
+            "",
+            self.training_data,
+            "",
+            "## Training command",
+            "",
+            f"```\n{self.training_command}\n```",
+            "",
+            "## Labels, codes and thresholds",
+            "",
+            "| code | abnormality | concept | threshold | colour |",
+            "|---|---|---|---|---|",
+        ]
+        for lc in self.labels:
+            a = lc.abnormality
+            lines.append(
+                f'| {a.code} | {a.name} | {a.concept.scheme} {a.concept.value} "{a.concept.meaning}" '
+                f"| {lc.threshold:.2f} | rgb{a.color_rgb} |"
+            )
+        if self.metrics:
+            lines += ["", "## Evaluation", "", "```json", json.dumps(self.metrics, indent=2), "```"]
+        return "\n".join(lines) + "\n"
+
     def save(self, path: Path) -> None:
         """Write the card as indented JSON."""
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -88,7 +88,9 @@ class UniCTConfig:
 
     def __post_init__(self) -> None:
         if self.preprocess.size[0] % 3:
-            raise ValueError(f"preprocess.size[0] must be a multiple of 3, got {self.preprocess.size[0]}")
+            raise ValueError(
+                f"preprocess.size[0] must be a multiple of 3, got {self.preprocess.size[0]}"
+            )
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by heads {self.heads}")
         if any(s % 32 for s in self.preprocess.size[1:]):

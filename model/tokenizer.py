@@ -77,7 +77,9 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], min_count: int = 1) -> Tokenizer:
         """Learn the vocabulary from ``texts`` (most frequent first, ties alphabetical)."""
         counts = Counter(w for t in texts for w in split_words(t))
-        words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(SPECIALS + tuple(words))
 
     def encode(self, text: str, add_special: bool = True, max_len: int | None = None) -> list[int]:
@@ -105,7 +107,10 @@ class Tokenizer:
 
     def save(self, path: Path) -> None:
         """Write the vocabulary as JSON."""
-        path.write_text(json.dumps({"type": "word", "vocab": list(self.vocab)}, indent=0) + "\n", encoding="utf-8")
+        path.write_text(
+            json.dumps({"type": "word", "vocab": list(self.vocab)}, indent=0) + "\n",
+            encoding="utf-8",
+        )
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:

@@ -88,7 +88,9 @@ class AreaDownsampled(MapTransform):
             )
             if factors == (1, 1, 1):
                 continue
-            pooled = F.avg_pool3d(img.as_tensor()[None].float(), kernel_size=factors, stride=factors)[0]
+            pooled = F.avg_pool3d(
+                img.as_tensor()[None].float(), kernel_size=factors, stride=factors
+            )[0]
             scale = np.eye(4)
             scale[:3, :3] = np.diag(factors)
             scale[:3, 3] = [(f - 1) / 2.0 for f in factors]
@@ -104,13 +106,30 @@ def build_transforms(cfg: PreprocessConfig, with_masks: bool = False) -> Compose
         [
             Orientationd(keys=keys, axcodes=cfg.orientation, labels=None),
             AreaDownsampled(keys=keys, target_spacing=cfg.spacing_mm),
-            Spacingd(keys=keys, pixdim=cfg.spacing_mm, mode="bilinear", padding_mode="border", dtype=np.float32),
-            ScaleIntensityRanged(
-                keys=["image"], a_min=lo, a_max=hi, b_min=cfg.offset, b_max=cfg.offset + 1.0, clip=True
+            Spacingd(
+                keys=keys,
+                pixdim=cfg.spacing_mm,
+                mode="bilinear",
+                padding_mode="border",
+                dtype=np.float32,
             ),
-            ResizeWithPadOrCropd(keys=["image"], spatial_size=cfg.size, mode="constant", value=cfg.pad_value),
+            ScaleIntensityRanged(
+                keys=["image"],
+                a_min=lo,
+                a_max=hi,
+                b_min=cfg.offset,
+                b_max=cfg.offset + 1.0,
+                clip=True,
+            ),
+            ResizeWithPadOrCropd(
+                keys=["image"], spatial_size=cfg.size, mode="constant", value=cfg.pad_value
+            ),
             *(
-                [ResizeWithPadOrCropd(keys=["masks"], spatial_size=cfg.size, mode="constant", value=0.0)]
+                [
+                    ResizeWithPadOrCropd(
+                        keys=["masks"], spatial_size=cfg.size, mode="constant", value=0.0
+                    )
+                ]
                 if with_masks
                 else []
             ),
@@ -141,17 +160,23 @@ def preprocess(
         raise ValueError(f"expected a 3D volume, got shape {hu.shape}")
     affine_ras = torch.as_tensor(LPS_TO_RAS @ np.asarray(affine_lps, dtype=np.float64))
     data: dict[str, Any] = {
-        "image": MetaTensor(torch.as_tensor(np.asarray(hu, dtype=np.float32))[None], affine=affine_ras)
+        "image": MetaTensor(
+            torch.as_tensor(np.asarray(hu, dtype=np.float32))[None], affine=affine_ras
+        )
     }
     if masks is not None:
         if masks.shape[1:] != hu.shape:
             raise ValueError(f"masks shape {masks.shape} does not match volume {hu.shape}")
-        data["masks"] = MetaTensor(torch.as_tensor(np.asarray(masks, dtype=np.float32)), affine=affine_ras)
+        data["masks"] = MetaTensor(
+            torch.as_tensor(np.asarray(masks, dtype=np.float32)), affine=affine_ras
+        )
     out = build_transforms(cfg, with_masks=masks is not None)(data)
     image: MetaTensor = out["image"]
     model_masks = None
     if masks is not None:
-        model_masks = np.ascontiguousarray(out["masks"].as_tensor().numpy().clip(0.0, 1.0), dtype=np.float32)
+        model_masks = np.ascontiguousarray(
+            out["masks"].as_tensor().numpy().clip(0.0, 1.0), dtype=np.float32
+        )
     return ModelInput(
         image=np.ascontiguousarray(image.as_tensor()[0].numpy(), dtype=np.float32),
         affine_ras=np.asarray(image.affine, dtype=np.float64),
@@ -185,7 +210,9 @@ def to_source_grid(
     """
     maps_t = torch.as_tensor(np.asarray(maps, dtype=np.float32))[None]  # (1, C, D, H, W)
     dims = np.array(maps_t.shape[2:], dtype=np.float64)
-    src_to_model = np.linalg.inv(model_affine_ras) @ (LPS_TO_RAS @ np.asarray(source_affine_lps, dtype=np.float64))
+    src_to_model = np.linalg.inv(model_affine_ras) @ (
+        LPS_TO_RAS @ np.asarray(source_affine_lps, dtype=np.float64)
+    )
     # grid_sample wants (x, y, z) = (w, h, d) normalised to [-1, 1] (align_corners=True):
     # fold that normalisation into the affine, then the grid is an outer sum per axis.
     norm = np.eye(4)
@@ -200,6 +227,8 @@ def to_source_grid(
         stop = min(start + chunk, source_shape[0])
         i = torch.arange(start, stop, dtype=torch.float32)
         grid = plane[None] + i[:, None, None, None] * m[:, 0]  # (n, H0, W0, 3)
-        sampled = F.grid_sample(maps_t, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        sampled = F.grid_sample(
+            maps_t, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True
+        )
         out[:, start:stop] = sampled[0].numpy()
     return out

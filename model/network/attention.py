@@ -16,7 +16,9 @@ from torch import Tensor, nn
 def sinusoidal_positions(length: int, dim: int, device: torch.device) -> Tensor:
     """``(length, dim)`` sinusoidal position codes, computed for any length (no learned table)."""
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
     angles = pos * freq[None]
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
@@ -33,7 +35,9 @@ class MultiHeadAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Attend from ``x`` (B, N, C) to ``context`` (B, M, C) (self-attention when None).
 
         ``mask`` is a boolean (N, M) or (B, N, M) tensor, True where attention is allowed.
@@ -75,7 +79,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, heads, dropout)
-        self.cross: MultiHeadAttention | None = MultiHeadAttention(dim, heads, dropout) if cross else None
+        self.cross: MultiHeadAttention | None = (
+            MultiHeadAttention(dim, heads, dropout) if cross else None
+        )
         self.norm_cross = nn.LayerNorm(dim) if cross else None
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GeGLU(dim, 2 * dim, dropout)

@@ -20,7 +20,9 @@ class TaskAdapter(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.LayerNorm(dim))
 
     def forward(self, slice_tokens: Tensor, global_token: Tensor) -> Tensor:
-        pooled, _ = self.pool(self.query.expand(slice_tokens.shape[0], -1, -1), context=slice_tokens)
+        pooled, _ = self.pool(
+            self.query.expand(slice_tokens.shape[0], -1, -1), context=slice_tokens
+        )
         return self.mlp(torch.cat([pooled[:, 0], global_token], dim=-1))  # type: ignore[no-any-return]
 
 
@@ -44,7 +46,9 @@ class MultiTaskFusion(nn.Module):
     the identity.
     """
 
-    def __init__(self, dim: int, heads: int, layers: int, dropout: float, enabled: bool = True) -> None:
+    def __init__(
+        self, dim: int, heads: int, layers: int, dropout: float, enabled: bool = True
+    ) -> None:
         super().__init__()
         self.enabled = enabled
         self.task_embedding = nn.Parameter(torch.zeros(1, len(TASKS), dim))

@@ -25,7 +25,9 @@ class ClassificationHead(nn.Module):
 
 
 def _conv(cin: int, cout: int) -> Convolution:
-    return Convolution(spatial_dims=2, in_channels=cin, out_channels=cout, kernel_size=3, norm="batch", act="relu")
+    return Convolution(
+        spatial_dims=2, in_channels=cin, out_channels=cout, kernel_size=3, norm="batch", act="relu"
+    )
 
 
 class UpStage(nn.Module):
@@ -52,7 +54,9 @@ class SegmentationDecoder(nn.Module):
     to the input size and reassembled into ``(B, num_labels, D, H, W)`` logits.
     """
 
-    def __init__(self, widths: tuple[int, int, int, int], dim: int, num_labels: int, modulation: bool) -> None:
+    def __init__(
+        self, widths: tuple[int, int, int, int], dim: int, num_labels: int, modulation: bool
+    ) -> None:
         super().__init__()
         c0, c1, c2, c3 = widths[0], widths[0], widths[1], widths[2]
         c4 = widths[3]
@@ -102,14 +106,19 @@ class ReportDecoder(nn.Module):
         super().__init__()
         self.dim = dim
         self.embed = nn.Embedding(vocab_size, dim)
-        self.layers = nn.ModuleList([TransformerBlock(dim, heads, dropout, cross=True) for _ in range(layers)])
+        self.layers = nn.ModuleList(
+            [TransformerBlock(dim, heads, dropout, cross=True) for _ in range(layers)]
+        )
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size)
 
     def forward(self, tokens: Tensor, memory: Tensor) -> Tensor:
         """Teacher-forced logits ``(B, L, V)`` for ``tokens`` (B, L)."""
         n = tokens.shape[1]
-        x = self.embed(tokens) * (self.dim**0.5) + sinusoidal_positions(n, self.dim, tokens.device)[None]
+        x = (
+            self.embed(tokens) * (self.dim**0.5)
+            + sinusoidal_positions(n, self.dim, tokens.device)[None]
+        )
         causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
         for layer in self.layers:
             x, _ = layer(x, mask=causal, memory=memory)

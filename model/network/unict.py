@@ -53,13 +53,20 @@ class UniCT(nn.Module):
         self.vocab_size = vocab_size
         self.encoder = CTScrollEncoder(cfg)
         self.adapters = TaskAdapters(cfg.d_model, cfg.heads)
-        self.fusion = MultiTaskFusion(cfg.d_model, cfg.heads, cfg.fusion_layers, cfg.dropout, cfg.ablation.fusion)
+        self.fusion = MultiTaskFusion(
+            cfg.d_model, cfg.heads, cfg.fusion_layers, cfg.dropout, cfg.ablation.fusion
+        )
         self.classifier = ClassificationHead(cfg.d_model, cfg.cls_hidden, cfg.num_labels)
-        self.segmenter = SegmentationDecoder(cfg.resnet_widths, cfg.d_model, cfg.num_labels, cfg.ablation.modulation)
-        self.reporter = ReportDecoder(vocab_size, cfg.d_model, cfg.heads, cfg.decoder_layers, cfg.dropout)
+        self.segmenter = SegmentationDecoder(
+            cfg.resnet_widths, cfg.d_model, cfg.num_labels, cfg.ablation.modulation
+        )
+        self.reporter = ReportDecoder(
+            vocab_size, cfg.d_model, cfg.heads, cfg.decoder_layers, cfg.dropout
+        )
         # Segmentation evidence for classification: a per-class affine of the mean of the
-        # top-k segmentation logits (zero at start: the head alone decides).
-        self.seg_evidence_scale = nn.Parameter(torch.zeros(cfg.num_labels))
+        # top-k segmentation logits, added to the head's logit (scale 1 at start: a finding
+        # the decoder segments is a finding the classifier reports).
+        self.seg_evidence_scale = nn.Parameter(torch.ones(cfg.num_labels))
         self.seg_evidence_bias = nn.Parameter(torch.zeros(cfg.num_labels))
         # The predicted findings as one more memory token of the report decoder.
         self.findings_token = nn.Linear(cfg.num_labels, cfg.d_model)
@@ -71,7 +78,9 @@ class UniCT(nn.Module):
         flat = x.flatten(2)
         return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(dim=-1)
 
-    def forward(self, volume: Tensor, full_resolution_seg: bool = True, with_segmentation: bool = True) -> UniCTOutput:
+    def forward(
+        self, volume: Tensor, full_resolution_seg: bool = True, with_segmentation: bool = True
+    ) -> UniCTOutput:
         """Run the visual path on ``(B, D, H, W)`` (or ``(B, 1, D, H, W)``) preprocessed volumes.
 
         With ``full_resolution_seg=False`` the segmentation logits stay at half the in-plane
@@ -94,13 +103,17 @@ class UniCT(nn.Module):
         else:
             seg_logits = volume.new_zeros((volume.shape[0], self.cfg.num_labels, 0, 0, 0))
         findings = self.findings_token(torch.sigmoid(cls_logits))
-        memory = torch.cat([t_rep[:, None], t_cls[:, None], findings[:, None], enc.slice_tokens], dim=1)
+        memory = torch.cat(
+            [t_rep[:, None], t_cls[:, None], findings[:, None], enc.slice_tokens], dim=1
+        )
         return UniCTOutput(cls_logits, seg_logits, attention, memory)
 
     def report_logits(self, tokens: Tensor, memory: Tensor) -> Tensor:
         """Teacher-forced report logits (B, L, V)."""
         return self.reporter(tokens, memory)  # type: ignore[no-any-return]
 
-    def generate_report(self, memory: Tensor, bos: int, eos: int, max_len: int | None = None) -> Tensor:
+    def generate_report(
+        self, memory: Tensor, bos: int, eos: int, max_len: int | None = None
+    ) -> Tensor:
         """Greedy report tokens for each memory in the batch."""
         return self.reporter.greedy(memory, bos, eos, max_len or self.cfg.max_report_tokens)

@@ -122,7 +122,9 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
     case) and are unpacked per item.
     """
 
-    def __init__(self, paths: Sequence[Path], tokenizer: Tokenizer, max_tokens: int, augment: bool = False) -> None:
+    def __init__(
+        self, paths: Sequence[Path], tokenizer: Tokenizer, max_tokens: int, augment: bool = False
+    ) -> None:
         self.items: list[dict[str, npt.NDArray[np.generic]]] = []
         self.reports: list[str] = []
         for p in paths:
@@ -140,11 +142,15 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         shape = tuple(int(s) for s in item["mask_shape"])
-        masks = np.unpackbits(item["masks"].astype(np.uint8), count=int(np.prod(shape))).reshape(shape)
+        masks = np.unpackbits(item["masks"].astype(np.uint8), count=int(np.prod(shape))).reshape(
+            shape
+        )
         image = item["image"].astype(np.float32)
         if self.augment:
             # Intensity jitter only: flips would contradict the laterality in the reports.
-            image = image * np.float32(self._rng.uniform(0.95, 1.05)) + np.float32(self._rng.normal(0, 0.01))
+            image = image * np.float32(self._rng.uniform(0.95, 1.05)) + np.float32(
+                self._rng.normal(0, 0.01)
+            )
         ids = self.tokenizer.encode(self.reports[index], max_len=self.max_tokens)
         tokens = np.full(self.max_tokens, self.tokenizer.pad_id, dtype=np.int64)
         tokens[: len(ids)] = ids

@@ -35,20 +35,33 @@ logger = logging.getLogger(__name__)
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``unict-node evaluate``."""
     parser.add_argument(
-        "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT_DIR,
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT_DIR,
         help="checkpoint directory with model_card.json (default: the bundled small model)",
     )
     parser.add_argument(
-        "--seed", type=int, default=7_000_000,
+        "--seed",
+        type=int,
+        default=7_000_000,
         help="first generator seed of the evaluation cases; pick one never used in training "
         "(the shipped model trained on seeds below 1,000,000)",
     )
-    parser.add_argument("--cases", type=int, default=48, help="number of generated cases (>= 40 for the acceptance run)")
     parser.add_argument(
-        "--grid", choices=["training", "realistic"], default="training",
+        "--cases",
+        type=int,
+        default=48,
+        help="number of generated cases (>= 40 for the acceptance run)",
+    )
+    parser.add_argument(
+        "--grid",
+        choices=["training", "realistic"],
+        default="training",
         help="phantom grid: 'training' (coarse, fast) or 'realistic' (512x512, 0.6-0.9 mm pixels; slower)",
     )
-    parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="JSON file to write")
+    parser.add_argument(
+        "--out", type=Path, default=Path("evaluation.json"), help="JSON file to write"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,7 +90,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dices: list[list[float]] = [[] for _ in keys]
     refs, hyps, rouges = [], [], []
     with tempfile.TemporaryDirectory(prefix="unict-eval-") as tmp:
-        paths = build_cache(seeds, card.config.preprocess, Path(tmp), kind=args.grid, workers=args.workers)
+        paths = build_cache(
+            seeds, card.config.preprocess, Path(tmp), kind=args.grid, workers=args.workers
+        )
         for path in tqdm(paths, total=args.cases, desc="evaluate", disable=args.no_progress):
             case = load_case(path)
             result = engine.infer(case.image)
@@ -116,11 +131,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "classification": {
             "macro_f1": _nanmean([v["f1"] for v in per_class.values()]),
             "macro_auroc": _nanmean([v["auroc"] for v in per_class.values()]),
-            "macro_average_precision": _nanmean([v["average_precision"] for v in per_class.values()]),
+            "macro_average_precision": _nanmean(
+                [v["average_precision"] for v in per_class.values()]
+            ),
         },
         "segmentation": {
             "mean_dice_over_present_findings": _nanmean(all_dice),
-            "macro_dice": _nanmean([v["dice"] for v in per_class.values() if v["dice"] is not None]),
+            "macro_dice": _nanmean(
+                [v["dice"] for v in per_class.values() if v["dice"] is not None]
+            ),
             "present_findings": len(all_dice),
         },
         "report": {

@@ -18,6 +18,8 @@ class LossWeights:
     classification: float = 1.0
     segmentation: float = 1.0
     report: float = 1.0
+    seg_pos_weight: float = 1.0
+    """Weight of foreground voxels in the segmentation BCE (small findings are rare voxels)."""
 
     def under(self, ablation: AblationConfig) -> LossWeights:
         """Zero the weight of every task whose supervision the ablation removes."""
@@ -25,6 +27,7 @@ class LossWeights:
             self.classification if ablation.classification_supervision else 0.0,
             self.segmentation if ablation.segmentation_supervision else 0.0,
             self.report if ablation.report_supervision else 0.0,
+            self.seg_pos_weight,
         )
 
 
@@ -46,7 +49,9 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 
 def report_loss(logits: Tensor, tokens: Tensor, pad_id: int) -> Tensor:
     """Next-token cross-entropy; ``logits`` (B, L-1, V) predict ``tokens[:, 1:]``."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=pad_id)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=pad_id
+    )
 
 
 def multitask_loss(
@@ -66,7 +71,10 @@ def multitask_loss(
         parts["cls"] = F.binary_cross_entropy_with_logits(cls_logits.float(), present)
         total = total + weights.classification * parts["cls"]
     if weights.segmentation:
-        parts["seg_bce"] = F.binary_cross_entropy_with_logits(seg_logits.float(), masks)
+        pos_weight = torch.tensor(weights.seg_pos_weight, device=seg_logits.device)
+        parts["seg_bce"] = F.binary_cross_entropy_with_logits(
+            seg_logits.float(), masks, pos_weight=pos_weight
+        )
         parts["seg_dice"] = soft_dice_loss(seg_logits, masks)
         total = total + weights.segmentation * (parts["seg_bce"] + parts["seg_dice"])
     if weights.report and rep_logits is not None:

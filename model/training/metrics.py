@@ -64,7 +64,9 @@ def _ngrams(words: Sequence[str], n: int) -> Counter[tuple[str, ...]]:
     return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
-def corpus_bleu(references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str]], max_n: int = 4) -> float:
+def corpus_bleu(
+    references: Sequence[Sequence[str]], hypotheses: Sequence[Sequence[str]], max_n: int = 4
+) -> float:
     """Corpus BLEU-n with one reference per hypothesis."""
     matches = [0] * max_n
     totals = [0] * max_n

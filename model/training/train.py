@@ -59,35 +59,79 @@ def parse_seed_range(text: str) -> range:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``unict-node train``."""
-    parser.add_argument("--config", default="small", choices=["small", "full"], help="model configuration")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/small"), help="checkpoints and logs")
-    parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="generated cases (reused)")
-    parser.add_argument("--train-seeds", type=parse_seed_range, default=parse_seed_range("0:600"), help="START:COUNT")
-    parser.add_argument("--val-seeds", type=parse_seed_range, default=parse_seed_range("900000:48"), help="START:COUNT")
-    parser.add_argument("--steps", type=int, default=3000, help="optimisation steps (the training budget)")
+    parser.add_argument(
+        "--config", default="small", choices=["small", "full"], help="model configuration"
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, default=Path("runs/small"), help="checkpoints and logs"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=Path("runs/cache"), help="generated cases (reused)"
+    )
+    parser.add_argument(
+        "--train-seeds",
+        type=parse_seed_range,
+        default=parse_seed_range("0:600"),
+        help="START:COUNT",
+    )
+    parser.add_argument(
+        "--val-seeds",
+        type=parse_seed_range,
+        default=parse_seed_range("900000:48"),
+        help="START:COUNT",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3000, help="optimisation steps (the training budget)"
+    )
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)"
+    )
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
     parser.add_argument("--lambda-cls", type=float, default=1.0)
     parser.add_argument("--lambda-seg", type=float, default=1.0)
     parser.add_argument("--lambda-rep", type=float, default=1.0)
+    parser.add_argument(
+        "--seg-pos-weight",
+        type=float,
+        default=1.0,
+        help="foreground weight of the segmentation BCE",
+    )
     parser.add_argument("--no-fusion", action="store_true", help="ablation: no multi-task fusion")
-    parser.add_argument("--no-modulation", action="store_true", help="ablation: no segmentation-conditioned FiLM")
-    parser.add_argument("--no-cls-supervision", action="store_true", help="ablation: no classification loss")
-    parser.add_argument("--no-seg-supervision", action="store_true", help="ablation: no segmentation loss")
-    parser.add_argument("--no-report-supervision", action="store_true", help="ablation: no report loss")
+    parser.add_argument(
+        "--no-modulation", action="store_true", help="ablation: no segmentation-conditioned FiLM"
+    )
+    parser.add_argument(
+        "--no-cls-supervision", action="store_true", help="ablation: no classification loss"
+    )
+    parser.add_argument(
+        "--no-seg-supervision", action="store_true", help="ablation: no segmentation loss"
+    )
+    parser.add_argument(
+        "--no-report-supervision", action="store_true", help="ablation: no report loss"
+    )
     parser.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--workers", type=int, default=2, help="processes generating phantoms")
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument(
-        "--init-from", type=Path, default=None,
+        "--init-from",
+        type=Path,
+        default=None,
         help="start from the weights of another run's last.pt (fresh optimiser and schedule; "
         "parameters that run lacks keep their initialisation) and reuse its tokenizer",
     )
-    parser.add_argument("--export", type=Path, default=None, help="write the bundle (weights, card, tokenizer) here")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="write the bundle (weights, card, tokenizer) here"
+    )
+    parser.add_argument(
+        "--init-exclude",
+        default="",
+        help="with --init-from: comma-separated parameter name prefixes not to take over (they keep "
+        "their fresh initialisation)",
+    )
     parser.add_argument("--version", default="0.1.0", help="model version recorded in the card")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -129,7 +173,9 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def tune_thresholds(probs: np.ndarray[Any, Any], present: np.ndarray[Any, Any]) -> tuple[float, ...]:
+def tune_thresholds(
+    probs: np.ndarray[Any, Any], present: np.ndarray[Any, Any]
+) -> tuple[float, ...]:
     """Per-class threshold maximising F1 on validation (0.5 for a class without positives)."""
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     out = []
@@ -156,10 +202,21 @@ def train(args: argparse.Namespace) -> TrainResult:
     cache = args.cache_dir / cfg.name
     progress = not args.no_progress and sys.stderr.isatty()
 
-    logger.info("generating %d training and %d validation cases in %s", len(args.train_seeds), len(args.val_seeds), cache)
+    logger.info(
+        "generating %d training and %d validation cases in %s",
+        len(args.train_seeds),
+        len(args.val_seeds),
+        cache,
+    )
     started = time.perf_counter()
-    train_paths = list(tqdm(build_cache(args.train_seeds, cfg.preprocess, cache, workers=args.workers),
-                            total=len(args.train_seeds), desc="phantoms", disable=not progress))
+    train_paths = list(
+        tqdm(
+            build_cache(args.train_seeds, cfg.preprocess, cache, workers=args.workers),
+            total=len(args.train_seeds),
+            desc="phantoms",
+            disable=not progress,
+        )
+    )
     val_paths = list(build_cache(args.val_seeds, cfg.preprocess, cache, workers=args.workers))
     logger.info("cases ready in %.0f s", time.perf_counter() - started)
 
@@ -177,16 +234,29 @@ def train(args: argparse.Namespace) -> TrainResult:
 
     model = UniCT(cfg, len(tokenizer))
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: _lr_at(s, args.steps, args.warmup))
-    weights = LossWeights(args.lambda_cls, args.lambda_seg, args.lambda_rep).under(cfg.ablation)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: _lr_at(s, args.steps, args.warmup)
+    )
+    weights = LossWeights(
+        args.lambda_cls, args.lambda_seg, args.lambda_rep, args.seg_pos_weight
+    ).under(cfg.ablation)
     step = 0
     last = run_dir / "last.pt"
     if args.init_from is not None and not (args.resume and last.exists()):
         init = torch.load(args.init_from, map_location="cpu", weights_only=False)
-        missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        excluded = tuple(p for p in args.init_exclude.split(",") if p)
+        weights_in = {
+            k: v for k, v in init["model"].items() if not (excluded and k.startswith(excluded))
+        }
+        missing, unexpected = model.load_state_dict(weights_in, strict=False)
         if unexpected:
             raise ValueError(f"{args.init_from} has parameters this model lacks: {unexpected}")
-        logger.info("initialised from %s (step %s); new parameters: %s", args.init_from, init.get("step"), missing)
+        logger.info(
+            "initialised from %s (step %s); new parameters: %s",
+            args.init_from,
+            init.get("step"),
+            missing,
+        )
     if args.resume and last.exists():
         state = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -197,7 +267,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         logger.info("resumed %s at step %d", last, step)
 
     generator = torch.Generator().manual_seed(args.seed + step)
-    loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator)
+    loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator
+    )
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress)
     running = 0.0
@@ -207,12 +279,24 @@ def train(args: argparse.Namespace) -> TrainResult:
         for batch in loader:
             if step >= args.steps:
                 break
-            out = model(batch["image"], full_resolution_seg=False, with_segmentation=bool(weights.segmentation))
+            out = model(
+                batch["image"],
+                full_resolution_seg=False,
+                with_segmentation=bool(weights.segmentation),
+            )
             masks = F.avg_pool3d(batch["masks"], kernel_size=(1, 2, 2))
-            rep_logits = model.report_logits(batch["tokens"][:, :-1], out.memory) if weights.report else None
+            rep_logits = (
+                model.report_logits(batch["tokens"][:, :-1], out.memory) if weights.report else None
+            )
             loss, parts = multitask_loss(
-                out.cls_logits, out.seg_logits, rep_logits, batch["present"], masks,
-                batch["tokens"], tokenizer.pad_id, weights,
+                out.cls_logits,
+                out.seg_logits,
+                rep_logits,
+                batch["present"],
+                masks,
+                batch["tokens"],
+                tokenizer.pad_id,
+                weights,
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -225,8 +309,18 @@ def train(args: argparse.Namespace) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}")
             if step % 20 == 0 or step == args.steps:
-                log.write(json.dumps({"step": step, "loss": value, **parts, "lr": schedule.get_last_lr()[0],
-                                      "elapsed_s": round(time.perf_counter() - t0, 1)}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "loss": value,
+                            **parts,
+                            "lr": schedule.get_last_lr()[0],
+                            "elapsed_s": round(time.perf_counter() - t0, 1),
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
             if step % args.checkpoint_every == 0 or step == args.steps:
                 _save_state(last, model, optimiser, schedule, step)
@@ -241,18 +335,28 @@ def train(args: argparse.Namespace) -> TrainResult:
     return TrainResult(run_dir, step, seconds, running, thresholds, bundle_dir)
 
 
-def _save_state(path: Path, model: UniCT, optimiser: torch.optim.Optimizer, schedule: Any, step: int) -> None:
+def _save_state(
+    path: Path, model: UniCT, optimiser: torch.optim.Optimizer, schedule: Any, step: int
+) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
-        {"model": model.state_dict(), "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-         "step": step, "torch_rng": torch.get_rng_state(), "config": model.cfg.to_dict()},
+        {
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "schedule": schedule.state_dict(),
+            "step": step,
+            "torch_rng": torch.get_rng_state(),
+            "config": model.cfg.to_dict(),
+        },
         tmp,
     )
     tmp.replace(path)
 
 
 @torch.no_grad()
-def _predict_probs(model: UniCT, dataset: CaseDataset) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+def _predict_probs(
+    model: UniCT, dataset: CaseDataset
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     model.eval()
     probs, present = [], []
     for i in range(len(dataset)):
@@ -275,17 +379,26 @@ def export_bundle(
     """Write weights (float16), tokenizer and model card into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"unict-{cfg.name}.pt"
-    state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to(torch.float16) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     torch.save({"model": state}, weights)
     tokenizer.save(directory / "tokenizer.json")
-    labels = tuple(replace(lc, threshold=t) for lc, t in zip(default_labels(), thresholds, strict=True))
-    command = "unict-node train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    labels = tuple(
+        replace(lc, threshold=t) for lc, t in zip(default_labels(), thresholds, strict=True)
+    )
+    argv = list(getattr(args, "argv", []))
+    command = "unict-node " + " ".join(
+        shlex.quote(a) for a in (argv if argv[:1] == ["train"] else ["train", *argv])
+    )
     card = ModelCard(
         name=f"UniCT-{cfg.name}",
         version=args.version,
         config=cfg,
         labels=labels,
-        training_data=TRAINING_DATA + f" Training seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}, "
+        training_data=TRAINING_DATA
+        + f" Training seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}, "
         f"validation seeds {args.val_seeds.start}-{args.val_seeds.stop - 1}, {args.steps} steps.",
         intended_use=INTENDED_USE,
         training_command=command.strip(),
@@ -293,4 +406,5 @@ def export_bundle(
         checkpoint_sha256=sha256_of(weights),
     )
     card.save(directory / CARD_FILE)
+    (directory / "MODEL_CARD.md").write_text(card.to_markdown(), encoding="utf-8")
     return directory

@@ -53,18 +53,25 @@ def test_inference_on_a_generated_case() -> None:
     bundle = load_bundle()
     engine = PyTorchEngine(bundle, device="cpu")
     phantom = generate(31_000_001, "training")
-    result = engine.infer(preprocess(phantom.hu, phantom.affine_lps, bundle.card.config.preprocess).image)
+    result = engine.infer(
+        preprocess(phantom.hu, phantom.affine_lps, bundle.card.config.preprocess).image
+    )
     assert result.probabilities.shape == (10,)
     assert result.segmentation.shape == (10, *bundle.card.config.preprocess.size)
     assert np.allclose(result.fusion_attention.sum(axis=1), 1.0, atol=1e-4)
-    assert result.report_text and result.report_text == bundle.tokenizer.decode(result.report_tokens)
+    assert result.report_text and result.report_text == bundle.tokenizer.decode(
+        result.report_tokens
+    )
 
 
 @pytest.mark.slow
 def test_acceptance_evaluation(tmp_path: Path) -> None:
     """`unict-node evaluate` on 40 unseen cases reaches the acceptance figures of the model issue."""
     out = tmp_path / "eval.json"
-    assert main(["evaluate", "--seed", "8000000", "--cases", "40", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["evaluate", "--seed", "8000000", "--cases", "40", "--out", str(out), "--no-progress"])
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["cases"] == 40
     assert metrics["classification"]["macro_auroc"] >= 0.90

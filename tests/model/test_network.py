@@ -54,7 +54,13 @@ def test_half_resolution_segmentation_for_training() -> None:
 
 @pytest.mark.parametrize(
     "switch",
-    ["fusion", "modulation", "classification_supervision", "segmentation_supervision", "report_supervision"],
+    [
+        "fusion",
+        "modulation",
+        "classification_supervision",
+        "segmentation_supervision",
+        "report_supervision",
+    ],
 )
 def test_every_ablation_switch_builds_and_runs(switch: str) -> None:
     cfg = tiny(SMALL).with_ablation(**{switch: False})
@@ -121,7 +127,9 @@ def test_causal_mask_prefix_invariance() -> None:
 
 def test_config_validation_and_round_trip() -> None:
     with pytest.raises(ValueError, match="multiple of 3"):
-        dataclasses.replace(SMALL, preprocess=PreprocessConfig(spacing_mm=(1, 1, 1), size=(10, 64, 64)))
+        dataclasses.replace(
+            SMALL, preprocess=PreprocessConfig(spacing_mm=(1, 1, 1), size=(10, 64, 64))
+        )
     with pytest.raises(ValueError, match="unknown UniCT configuration"):
         get_config("medium")
     cfg = SMALL.with_ablation(fusion=False)

@@ -34,7 +34,10 @@ def test_special_tokens_and_unknown_words() -> None:
     ids = tok.encode("nodule zebra")
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
     assert tok.unk_id in ids
-    assert tok.decode([tok.bos_id, *tok.encode("nodule", add_special=False), tok.eos_id, 5, 6]) == "Nodule"
+    assert (
+        tok.decode([tok.bos_id, *tok.encode("nodule", add_special=False), tok.eos_id, 5, 6])
+        == "Nodule"
+    )
 
 
 def test_truncation_keeps_eos() -> None:

@@ -18,7 +18,9 @@ from model.training.train import tune_thresholds
 
 def tiny_config() -> UniCTConfig:
     pre = dataclasses.replace(SMALL.preprocess, size=(12, 64, 64))
-    return dataclasses.replace(SMALL, preprocess=pre, resnet_widths=(8, 16, 32, 64), d_model=64, heads=4)
+    return dataclasses.replace(
+        SMALL, preprocess=pre, resnet_widths=(8, 16, 32, 64), d_model=64, heads=4
+    )
 
 
 def toy_batch(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
@@ -39,7 +41,9 @@ def toy_batch(tokenizer: Tokenizer) -> dict[str, torch.Tensor]:
 
 def test_short_overfit_run_loss_falls() -> None:
     torch.manual_seed(0)
-    tokenizer = Tokenizer.train(["A solid nodule in the right lower lobe.", "No abnormalities detected."])
+    tokenizer = Tokenizer.train(
+        ["A solid nodule in the right lower lobe.", "No abnormalities detected."]
+    )
     batch = toy_batch(tokenizer)
     model = UniCT(tiny_config(), len(tokenizer))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -48,8 +52,16 @@ def test_short_overfit_run_loss_falls() -> None:
         out = model(batch["image"], full_resolution_seg=False)
         masks = torch.nn.functional.avg_pool3d(batch["masks"], kernel_size=(1, 2, 2))
         rep = model.report_logits(batch["tokens"][:, :-1], out.memory)
-        loss, parts = multitask_loss(out.cls_logits, out.seg_logits, rep, batch["present"], masks,
-                                     batch["tokens"], tokenizer.pad_id, LossWeights())
+        loss, parts = multitask_loss(
+            out.cls_logits,
+            out.seg_logits,
+            rep,
+            batch["present"],
+            masks,
+            batch["tokens"],
+            tokenizer.pad_id,
+            LossWeights(),
+        )
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()

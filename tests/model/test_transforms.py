@@ -12,7 +12,8 @@ CFG = SMALL.preprocess
 
 
 def sphere_volume(
-    shape: tuple[int, int, int] = (120, 200, 200), spacing: tuple[float, float, float] = (2.5, 1.8, 1.8)
+    shape: tuple[int, int, int] = (120, 200, 200),
+    spacing: tuple[float, float, float] = (2.5, 1.8, 1.8),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A -1000 HU volume with a 40 HU sphere of 25 mm radius off centre, and its LPS affine."""
     ss, rs, cs = spacing

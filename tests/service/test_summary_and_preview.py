@@ -1,0 +1,53 @@
+"""What a job records about its result (summary JSON) and the PNG preview."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.pipeline import OutputOptions, analyse_series
+from service.preview import best_slice, write_preview
+from service.summary import summarize
+from tests.service.dicom_fixtures import axial_affine, make_card, write_phantom_series
+from tests.service.test_pipeline import NODULE, FakeEngine
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    series = write_phantom_series(
+        tmp_path_factory.mktemp("summary"), (40, 128, 128), axial_affine()
+    )
+    card = make_card()
+    return analyse_series(series, FakeEngine(card), card, OutputOptions())
+
+
+def test_summary_lists_every_finding_without_patient_data(result) -> None:  # type: ignore[no-untyped-def]
+    summary = summarize(result, preview="/tmp/x.png")
+    assert len(summary["findings"]) == 10
+    nodule = summary["findings"][NODULE]
+    assert nodule["present"] and nodule["probability"] == pytest.approx(0.95)
+    assert nodule["lesions"][0]["volume_ml"] > 0
+    assert sum(f["present"] for f in summary["findings"]) == 1
+    assert summary["sr_sop_instance_uid"] == str(result.sr.SOPInstanceUID)
+    assert summary["seg_sop_instance_uid"] == str(result.seg.SOPInstanceUID)
+    text = json.dumps(summary)
+    assert str(result.sr.PatientID) not in text
+    assert str(result.sr.PatientName) not in text
+
+
+def test_preview_shows_the_lesion_in_its_colour(result, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    finding = result.analysis.findings[NODULE]
+    index = best_slice(result.analysis, result.volume.hu.shape[0])
+    assert finding.mask is not None and finding.mask[index].any()
+    path = write_preview(result.volume, result.analysis, tmp_path / "p.png")
+    image = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert image.shape[:2] == result.volume.hu.shape[1:]
+    rows, cols = np.nonzero(finding.mask[index])
+    pixel = image[int(rows.mean()), int(cols.mean())]
+    colour = np.array(finding.abnormality.color_rgb)
+    # Blended with alpha 0.45 over grey: the finding's colour dominates the pixel's hue.
+    assert np.argmax(pixel) == np.argmax(colour)
