@@ -327,7 +327,7 @@ class SegOutputSettings(_Section):
     series_number: int = Field(default=9901, ge=1)
     series_description: str = Field(default="UniCT segmentation", max_length=64)
     segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
-    omit_empty_frames: bool = False
+    omit_empty_frames: bool = True
 
 
 class SrOutputSettings(_Section):
