@@ -9,7 +9,6 @@ report text and the path of the PNG overlay the node wrote.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -61,22 +60,31 @@ def send_series(
     return ok
 
 
-def wait_for_job(database_url: str, series_uid: str, timeout: float) -> Any:
-    """Poll the job store until the series' newest job ends (DONE, FAILED or REJECTED)."""
+def wait_for_job(
+    database_url: str, series_uid: str, timeout: float, *, delivered: bool = False
+) -> Any:
+    """Poll the job store for the series' job.
+
+    Returns as soon as the job has a result (it reached SENDING) or ended without one
+    (REJECTED, FAILED); with ``delivered``, waits for DONE or FAILED instead.
+    """
     from service.store import JobStore
 
     store = JobStore(database_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for job in store.list_jobs(limit=200):
-            if job.series_instance_uid == series_uid and job.state.value in (
-                "DONE",
-                "FAILED",
-                "REJECTED",
+            if job.series_instance_uid != series_uid:
+                continue
+            state = job.state.value
+            if delivered and state in ("DONE", "FAILED", "REJECTED"):
+                return job
+            if not delivered and (
+                "result" in job.outputs or state in ("DONE", "FAILED", "REJECTED")
             ):
                 return job
         time.sleep(0.5)
-    raise TimeoutError(f"no finished job for the demo series after {timeout:.0f} s")
+    raise TimeoutError(f"no result for the demo series after {timeout:.0f} s")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -106,14 +114,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sent = send_series(paths, args.host, port, settings.dicom.ae_title)
     print(f"sent {sent}/{len(paths)} instances to {settings.dicom.ae_title}@{args.host}:{port}")
     job = wait_for_job(settings.database.url, series_uid, args.timeout)
-    print(f"job {job.id}: {job.state.value} after {time.monotonic() - started:.1f} s")
-    if job.state.value != "DONE":
-        print(
-            f"  {job.error_stage or ''} {job.error_reason or job.rejected_rule or ''}",
-            file=sys.stderr,
-        )
+    print(
+        f"job {job.id}: analysed {time.monotonic() - started:.1f} s after sending ({job.state.value})"
+    )
+    result = job.outputs.get("result")
+    if result is None:
+        reason = job.error_reason or job.rejected_rule or ""
+        print(f"  no result: {job.error_stage or ''} {reason}", file=sys.stderr)
         return 1
-    result = job.outputs.get("result", {})
     truth = {
         key
         for key, p in zip(
@@ -136,5 +144,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\nreport: {result.get('report_text', '')}")
     print(f"truth:  {phantom.report}")
     print(f"\noverlay PNG: {result.get('preview_png')}")
-    print("sent: " + json.dumps(job.outputs.get("sent", []))[:400])
+    try:
+        job = wait_for_job(settings.database.url, series_uid, 30.0, delivered=True)
+    except TimeoutError:
+        print("delivery: still being sent (or retried); see `unict-node jobs show " + f"{job.id}`")
+        return 0
+    if job.state.value == "DONE":
+        for sent_item in job.outputs.get("sent", []):
+            print(
+                f"delivered: {sent_item.get('sop_class_uid')} to {sent_item.get('destination')} "
+                f"(status {sent_item.get('status')})"
+            )
+    else:
+        print(
+            f"delivery failed ({job.error_stage}): {job.error_reason}; is the destination PACS up?"
+        )
     return 0
