@@ -32,7 +32,8 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The validated settings of ``--config``; a bad file exits with status 2 and the reason."""
     try:
         return load_settings(args.config)
     except ConfigError as exc:
@@ -45,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.node import Node
     from service.processor import UniCTProcessor
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     setup_logging(settings.logging)
     processor = UniCTProcessor(settings)
     try:
@@ -86,7 +87,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from engines.registry import availability_report
     from model.bundle import load_bundle
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     ok = True
     report: dict[str, Any] = {
         "config": str(args.config),
@@ -120,7 +121,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply the Alembic migrations to the configured database."""
     from service.store import run_migrations
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     run_migrations(settings.database.url)
     print(f"database at head: {settings.database.url.split('@')[-1]}")
     return 0
@@ -139,7 +140,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """List, show or retry jobs from the command line."""
     from service.store import JobState, JobStore
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     store = JobStore(settings.database.url)
     if args.action == "list":
         state = JobState(args.state.upper()) if args.state else None

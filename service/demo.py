@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.commands import _settings, add_config_argument
+from service.commands import add_config_argument, settings_from_args
 
 DEMO_AE = "UNICT_DEMO"
 
@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from model.phantom import generate
     from model.phantom.dicom_series import write_ct_series
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     phantom = generate(args.seed, "realistic", p_normal=0.0)
     out = args.out or Path(tempfile.mkdtemp(prefix="unict-demo-"))
     paths = write_ct_series(
