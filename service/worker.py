@@ -255,17 +255,9 @@ class Workers:
         send_started = time.perf_counter()
         try:
             results = self.send(outcome.outputs)
-        except SendFailure as exc:
-            return self.store.fail(
-                job.job_id,
-                worker_id,
-                stage=Stage.SEND.value,
-                reason=exc.reason,
-                retryable=exc.retryable,
-                timings={"send": time.perf_counter() - send_started},
-                sent=[r.to_json() for r in exc.results],
-            )
         except StageError as exc:
+            # A SendFailure (a StageError of the send stage) carries every instance's result.
+            sent = [r.to_json() for r in exc.results] if isinstance(exc, SendFailure) else None
             return self.store.fail(
                 job.job_id,
                 worker_id,
@@ -273,6 +265,7 @@ class Workers:
                 reason=exc.reason,
                 retryable=exc.retryable,
                 timings={"send": time.perf_counter() - send_started},
+                sent=sent,
             )
         return self.store.finish(
             job.job_id,
