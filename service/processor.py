@@ -67,7 +67,6 @@ class UniCTProcessor:
                     model.engines,
                     bundle,
                     plan_dir=Path(model.plan_dir),
-                    onnx_dir=Path(model.plan_dir) / "onnx",
                     threads=model.threads or 0,
                 )
             except Exception as exc:  # recorded for /readyz; the node stays up and unready
