@@ -23,7 +23,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -837,15 +846,73 @@ class JobStore:
             return JobRecord._from_rows(job, session.get_one(Series, job.series_id))
 
     def list_jobs(
-        self, *, state: JobState | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        state: JobState | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        study_instance_uid: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
     ) -> list[JobRecord]:
-        """Jobs, newest first, optionally in one state."""
-        stmt = select(Job, Series).join(Series, Job.series_id == Series.id)
-        if state is not None:
-            stmt = stmt.where(Job.state == state)
-        stmt = stmt.order_by(Job.id.desc()).limit(limit).offset(offset)
+        """Jobs, newest first, optionally filtered.
+
+        Parameters
+        ----------
+        state
+            Only jobs in this state.
+        since, until
+            Only jobs created at or after `since` and before `until` (timezone-aware).
+        study_instance_uid
+            Only jobs of series in this study.
+        limit, offset
+            The page.
+        """
+        stmt = (
+            select(Job, Series)
+            .join(Series, Job.series_id == Series.id)
+            .where(*self._filters(state, since, until, study_instance_uid))
+            .order_by(Job.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
         with self._tx() as session:
             return [JobRecord._from_rows(j, s) for j, s in session.execute(stmt)]
+
+    def count_jobs(
+        self,
+        *,
+        state: JobState | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        study_instance_uid: str | None = None,
+    ) -> int:
+        """How many jobs :meth:`list_jobs` would list with the same filters and no page."""
+        stmt = (
+            select(func.count(Job.id))
+            .join(Series, Job.series_id == Series.id)
+            .where(*self._filters(state, since, until, study_instance_uid))
+        )
+        with self._tx() as session:
+            return int(session.scalar(stmt) or 0)
+
+    @staticmethod
+    def _filters(
+        state: JobState | None,
+        since: datetime | None,
+        until: datetime | None,
+        study_instance_uid: str | None,
+    ) -> list[ColumnElement[bool]]:
+        clauses: list[ColumnElement[bool]] = []
+        if state is not None:
+            clauses.append(Job.state == state)
+        if since is not None:
+            clauses.append(Job.created_at >= since)
+        if until is not None:
+            clauses.append(Job.created_at < until)
+        if study_instance_uid is not None:
+            clauses.append(Series.study_instance_uid == study_instance_uid)
+        return clauses
 
     def count_by_state(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, zero included)."""

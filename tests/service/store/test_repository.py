@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import timedelta
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -298,6 +298,33 @@ def test_ping_and_list_paging(store: JobStore) -> None:
     ids = [queued_job(store, 1) for _ in range(3)]
     assert [j.id for j in store.list_jobs(limit=2)] == ids[::-1][:2]
     assert [j.id for j in store.list_jobs(limit=2, offset=2)] == [ids[0]]
+
+
+def test_list_filters_by_state_time_and_study_and_counts(store: JobStore, clock: FakeClock) -> None:
+    t0 = clock.now
+    first = queued_job(store, 1)
+    clock.advance(3600)
+    _, _, second = receive_series(store, 1, study_uid="1.2.9")  # still RECEIVING
+    clock.advance(3600)
+    third = queued_job(store, 1)
+    hour = timedelta(hours=1)
+
+    def ids(**filters: object) -> list[int]:
+        listed = [j.id for j in store.list_jobs(**filters)]  # type: ignore[arg-type]
+        assert store.count_jobs(**filters) == len(listed)  # type: ignore[arg-type]
+        return listed
+
+    assert ids() == [third, second, first]
+    assert ids(state=JobState.QUEUED) == [third, first]
+    assert ids(since=t0 + hour) == [third, second]  # inclusive lower bound
+    assert ids(until=t0 + hour) == [first]  # exclusive upper bound
+    assert ids(since=t0 + hour, until=t0 + 2 * hour, state=JobState.RECEIVING) == [second]
+    assert ids(study_instance_uid="1.2.9") == [second]
+    assert ids(state=JobState.DONE) == []
+    # Times in another zone mean the same instant.
+    assert ids(since=(t0 + 2 * hour).astimezone(timezone(timedelta(hours=5)))) == [third]
+    assert [j.id for j in store.list_jobs(state=JobState.QUEUED, limit=1, offset=1)] == [first]
+    assert store.count_jobs(state=JobState.QUEUED) == 2
 
 
 def test_concurrent_first_instances_make_one_series(store: JobStore) -> None:
