@@ -16,6 +16,9 @@ Statuses (PS3.4 Annex B.2.3, as pynetdicom names them):
 
 Associations are accepted only from ``dicom.allowed_callers`` (and ``allowed_hosts`` when
 set): others get an A-ASSOCIATE-RJ, permanent, "calling AE title not recognised".
+
+With a :class:`~service.metrics.NodeMetrics`, stored instances and bytes, refused
+C-STOREs (by status) and rejected associations (by reason) are counted.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.config import DicomSettings, StorageSettings, TlsSettings
+from service.metrics import NodeMetrics
 from service.selection import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
 from service.store import JobStore, ReceivedInstance, RecordOutcome
 
@@ -89,6 +93,14 @@ SUPPORTED_TRANSFER_SYNTAXES = (
 # A UID is digits and dots, at most 64 characters (PS3.5 §9.1). It becomes a path
 # component, so anything else is refused outright.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+# (Result Source, Diagnostic) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4) -> metrics label.
+_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
+    (0x01, 0x03): "calling_ae",
+    (0x01, 0x07): "called_ae",
+    (0x03, 0x02): "busy",
+}
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,8 @@ class Receiver:
         Where instances are recorded.
     listener
         Told about stored instances and ended associations (the assembler).
+    metrics
+        Where instances, bytes and refusals are counted (none when ``None``).
     """
 
     def __init__(
@@ -159,8 +173,10 @@ class Receiver:
         store: JobStore,
         *,
         listener: AssociationListener | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.dicom = dicom
+        self.metrics = metrics
         self.storage = storage
         self.store = store
         self.listener = listener
@@ -206,6 +222,7 @@ class Receiver:
         ssl_context = make_ssl_context(self.dicom.tls) if self.dicom.tls.enabled else None
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -286,9 +303,23 @@ class Receiver:
             # Rejected permanent, by the service user, calling AE title not recognised
             # (PS3.8 §7.1.1.9).
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # pynetdicom sends no EVT_REJECTED for a rejection made in EVT_REQUESTED.
+            if self.metrics is not None:
+                self.metrics.associations_refused.labels(reason="host").inc()
             # As pynetdicom does for its own rejections: wait until the DUL has sent the
             # A-ASSOCIATE-RJ and gone idle, or the socket closes before the PDU leaves.
             event.assoc.kill()
+
+    def _on_rejected(self, event: Event) -> None:
+        """pynetdicom rejected an association: unknown caller, wrong called AE, too many."""
+        if self.metrics is None:
+            return
+        # send_reject leaves the A-ASSOCIATE-RJ it sent on the acceptor.
+        primitive = event.assoc.acceptor.primitive
+        source = getattr(primitive, "result_source", None)
+        diagnostic = getattr(primitive, "diagnostic", None)
+        reason = _REJECT_REASONS.get((source, diagnostic), "other")
+        self.metrics.associations_refused.labels(reason=reason).inc()
 
     def _end(self, event: Event, *, released: bool) -> None:
         key = id(event.assoc)
@@ -313,6 +344,12 @@ class Receiver:
     # ------------------------------------------------------------ C-STORE
 
     def _on_store(self, event: Event) -> int:
+        status = self._store_instance(event)
+        if status != STATUS_SUCCESS and self.metrics is not None:
+            self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
+        return status
+
+    def _store_instance(self, event: Event) -> int:
         request = cast(C_STORE, event.request)
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         requested_class = str(request.AffectedSOPClassUID)
@@ -385,6 +422,9 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
         if result.outcome is RecordOutcome.DUPLICATE:
             logger.debug("sop %s: duplicate, already stored", header.sop_instance_uid)
+        if self.metrics is not None:
+            self.metrics.instances_received.inc()
+            self.metrics.bytes_received.inc(size)
         if self.listener is not None:
             self.listener.instance_received(
                 id(event.assoc),

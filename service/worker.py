@@ -6,6 +6,9 @@ a job whose lease expired (the worker crashed or hung) is taken back by
 ``Callable[[ClaimedJob], ProcessOutcome]`` (the real one runs UniCT through
 ``service.pipeline.analyse_series``). Its :class:`~service.errors.StageError` failures are
 recorded with their stage and reason, re-queued with backoff when retryable.
+
+With a :class:`~service.metrics.NodeMetrics`, each stage's seconds go into its latency
+histogram and every instance left unsent at a destination counts as a send failure.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from service.config import WorkersSettings
 from service.errors import LeaseLost, Stage, StageError
+from service.metrics import NodeMetrics
 from service.selection import InstanceHeader
 from service.sender import Output, SendFailure, SendResult
 from service.store import InstanceRecord, JobRecord, JobState, JobStore
@@ -149,6 +153,8 @@ class Workers:
         The ``workers`` settings: count, lease, polling.
     name
         Prefix of the worker ids (lease owners); defaults to a random one per process.
+    metrics
+        Where stage latencies and send failures are recorded (none when ``None``).
     """
 
     def __init__(
@@ -159,8 +165,10 @@ class Workers:
         settings: WorkersSettings,
         *,
         name: str | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.processor = processor
         self.send = send
         self.settings = settings
@@ -234,6 +242,8 @@ class Workers:
                 timings={"process_total": time.perf_counter() - started},
             )
         timings = {**outcome.timings, "process_total": time.perf_counter() - started}
+        if self.metrics is not None:
+            self.metrics.observe_stages(outcome.timings)
         if lease.lost.is_set():
             logger.warning(
                 "job %d: lease lost while processing; outputs dropped", job.job_id, extra=extra
@@ -256,21 +266,32 @@ class Workers:
         try:
             results = self.send(outcome.outputs)
         except StageError as exc:
+            send_timing = {Stage.SEND.value: time.perf_counter() - send_started}
             # A SendFailure (a StageError of the send stage) carries every instance's result.
             sent = [r.to_json() for r in exc.results] if isinstance(exc, SendFailure) else None
+            if self.metrics is not None:
+                self.metrics.observe_stages(send_timing)
+                self.metrics.count_send_failures(
+                    [r.destination for r in exc.results if not r.ok]
+                    if isinstance(exc, SendFailure)
+                    else ["unknown"]
+                )
             return self.store.fail(
                 job.job_id,
                 worker_id,
                 stage=exc.stage.value,
                 reason=exc.reason,
                 retryable=exc.retryable,
-                timings={"send": time.perf_counter() - send_started},
+                timings=send_timing,
                 sent=sent,
             )
+        send_timing = {Stage.SEND.value: time.perf_counter() - send_started}
+        if self.metrics is not None:
+            self.metrics.observe_stages(send_timing)
         return self.store.finish(
             job.job_id,
             worker_id,
-            timings={"send": time.perf_counter() - send_started},
+            timings=send_timing,
             sent=[r.to_json() for r in results],
         )
 
