@@ -3,13 +3,18 @@
 - ``GET /healthz``: the process is alive (nothing else is checked).
 - ``GET /readyz``: every readiness check by name (database reachable, engine loaded,
   DICOM listener bound, spool space above the floor, ...); 503 when any fails.
-- ``GET /metrics``: job counts by state, Prometheus text format.
-- ``GET /jobs`` (``?state=QUEUED&limit=100&offset=0``), ``GET /jobs/{id}``,
-  ``POST /jobs/{id}/retry``: bearer token required when one is configured (always when
-  the API listens beyond loopback; see :attr:`HttpSettings.token_required`).
+- ``GET /metrics``: Prometheus text format (see :mod:`service.metrics`).
+- ``GET /jobs`` (``?state=FAILED&since=2025-01-01T00:00Z&until=...&study_uid=...
+  &limit=100&offset=0``), ``GET /jobs/{id}`` (stages, timings, error, what was sent
+  where), ``POST /jobs/{id}/retry``.
+- ``GET /openapi.json``: the OpenAPI document (:mod:`service.openapi`).
+
+Everything but ``/healthz`` and ``/readyz`` needs the bearer token when one is configured
+(always when the API listens beyond loopback; see :attr:`HttpSettings.token_required`).
 
 Handlers are plain ``def`` functions: Starlette runs them in its thread pool, so the
-blocking database calls do not stall the event loop.
+blocking database calls do not stall the event loop. A job store that cannot be reached
+answers 503, not 500: the node is up, its database is not.
 """
 
 from __future__ import annotations
@@ -17,19 +22,27 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.config import Destination
 from service.errors import IllegalTransition, JobNotFound
-from service.store import JobState, JobStore
+from service.metrics import CONTENT_TYPE, TIMED_STAGES, NodeMetrics
+from service.openapi import MAX_JOB_ID, MAX_LIMIT, MAX_OFFSET, openapi_schema
+from service.store import JobRecord, JobState, JobStore
 
-__all__ = ["Check", "NodeStatus", "create_app"]
+__all__ = ["Check", "NodeStatus", "create_app", "job_detail"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +69,78 @@ class NodeStatus(Protocol):
         ...
 
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlette:
+def _timestamp(value: str) -> datetime:
+    """ISO 8601 (a date alone is its midnight); UTC when no offset is given."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def job_detail(job: JobRecord, destinations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A job as ``/jobs/{id}`` shows it: the record plus stages, error and destinations.
+
+    Parameters
+    ----------
+    job
+        The job record.
+    destinations
+        Address (``AE@host:port``) of each configured destination, by name.
+
+    Returns
+    -------
+    dict
+        JSON-ready: every field of :meth:`JobRecord.to_dict`, and ``stages`` (each timed
+        stage in pipeline order: done, failed or not run, with its seconds), ``error``
+        (stage and reason, or ``None``) and ``destinations`` (per destination: address,
+        instances stored and failed, and each instance's result).
+    """
+    out = job.to_dict()
+    stages = []
+    for stage in TIMED_STAGES:
+        seconds = job.timings.get(stage.value)
+        if job.error_stage == stage.value:
+            status = "failed"
+        elif seconds is not None:
+            status = "done"
+        else:
+            status = "not run"
+        stages.append({"stage": stage.value, "status": status, "seconds": seconds})
+    out["stages"] = stages
+    out["error"] = (
+        None if job.error_reason is None else {"stage": job.error_stage, "reason": job.error_reason}
+    )
+    by_destination: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for result in job.outputs.get("sent") or []:
+        by_destination[str(result.get("destination"))].append(result)
+    addresses = destinations or {}
+    out["destinations"] = [
+        {
+            "name": name,
+            "address": addresses.get(name),
+            "stored": sum(1 for r in results if r.get("ok")),
+            "failed": sum(1 for r in results if not r.get("ok")),
+            "instances": [dict(r) for r in results],
+        }
+        for name, results in by_destination.items()
+    ]
+    return out
+
+
+def create_app(
+    node_status: NodeStatus,
+    *,
+    token: str | None = None,
+    metrics: NodeMetrics | None = None,
+    destinations: Sequence[Destination] = (),
+) -> Starlette:
     """Build the HTTP application.
 
     Parameters
@@ -68,7 +148,12 @@ def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlett
     node_status
         The node (or anything with its readiness checks and job store).
     token
-        Bearer token the ``/jobs`` endpoints require; ``None`` for none (loopback only).
+        Bearer token every endpoint but ``/healthz`` and ``/readyz`` requires; ``None``
+        for none (loopback only).
+    metrics
+        The node's metrics; a fresh set on `node_status`'s store when ``None``.
+    destinations
+        The configured destinations, to show their addresses in ``/jobs/{id}``.
 
     Returns
     -------
@@ -76,6 +161,9 @@ def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlett
         The ASGI application.
     """
     expected = f"Bearer {token}".encode() if token else None
+    registry = metrics or NodeMetrics(node_status.store)
+    addresses = {d.name: f"{d.ae_title}@{d.host}:{d.port}" for d in destinations}
+    schema = openapi_schema()
 
     def guarded(
         handler: Callable[[Request], Response],
@@ -101,37 +189,64 @@ def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlett
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    def metrics(request: Request) -> Response:
-        counts = node_status.store.count_by_state()
-        lines = [
-            "# HELP unict_jobs Jobs by state.",
-            "# TYPE unict_jobs gauge",
-            *(f'unict_jobs{{state="{s.value}"}} {n}' for s, n in counts.items()),
-        ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    def get_metrics(request: Request) -> Response:
+        return Response(registry.render(), media_type=CONTENT_TYPE)
+
+    def openapi(request: Request) -> Response:
+        return JSONResponse(schema)
 
     def list_jobs(request: Request) -> Response:
         params = request.query_params
         try:
             state = JobState(params["state"].upper()) if "state" in params else None
-            limit = min(int(params.get("limit", 100)), 1000)
+        except ValueError:
+            return _error(400, f"state must be one of {', '.join(s.value for s in JobState)}")
+        try:
+            since = _timestamp(params["since"]) if "since" in params else None
+            until = _timestamp(params["until"]) if "until" in params else None
+        except (ValueError, OverflowError):
+            return _error(400, "since and until must be ISO 8601 times (2025-01-31T08:00Z)")
+        study_uid = params.get("study_uid")
+        if study_uid is not None and (len(study_uid) > 64 or not _UID.match(study_uid)):
+            return _error(400, "study_uid must be a UID (digits and dots, at most 64)")
+        try:
+            limit = int(params.get("limit", 100))
             offset = int(params.get("offset", 0))
         except ValueError:
-            return _error(400, "state must be a job state; limit and offset integers")
-        if limit < 0 or offset < 0:
-            return _error(400, "limit and offset must not be negative")
-        jobs = node_status.store.list_jobs(state=state, limit=limit, offset=offset)
-        return JSONResponse({"jobs": [j.to_dict() for j in jobs]})
+            return _error(400, "limit and offset must be integers")
+        if not (0 <= limit <= MAX_LIMIT and 0 <= offset <= MAX_OFFSET):
+            return _error(400, f"limit must be 0..{MAX_LIMIT}, offset 0..{MAX_OFFSET}")
+        filters: dict[str, Any] = {
+            "state": state,
+            "since": since,
+            "until": until,
+            "study_instance_uid": study_uid,
+        }
+        store = node_status.store
+        jobs = store.list_jobs(**filters, limit=limit, offset=offset)
+        total = store.count_jobs(**filters)
+        following = offset + len(jobs)
+        return JSONResponse(
+            {
+                "jobs": [j.to_dict() for j in jobs],
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+                "next_offset": following if jobs and following < total else None,
+            }
+        )
 
     def get_job(request: Request) -> Response:
         job_id: int = request.path_params["job_id"]
-        job = node_status.store.get_job(job_id)
+        job = node_status.store.get_job(job_id) if job_id <= MAX_JOB_ID else None
         if job is None:
             return _error(404, f"no job {job_id}")
-        return JSONResponse(job.to_dict())
+        return JSONResponse(job_detail(job, addresses))
 
     def retry_job(request: Request) -> Response:
         job_id: int = request.path_params["job_id"]
+        if job_id > MAX_JOB_ID:
+            return _error(404, f"no job {job_id}")
         try:
             job = node_status.store.retry(job_id)
         except JobNotFound:
@@ -140,6 +255,19 @@ def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlett
             return _error(409, str(exc))
         logger.info("job %d retried through the API", job_id, extra={"job_id": job_id})
         return JSONResponse(job.to_dict())
+
+    def http_error(request: Request, exc: Exception) -> Response:
+        # Starlette's own 404 (no route: /jobs/abc) and 405 answer in plain text; every
+        # error of this API is JSON ``{"error": ...}``, as the OpenAPI document says.
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail, dict(exc.headers or {}))
+
+    def store_down(request: Request, exc: Exception) -> Response:
+        # The type only: a driver's message may quote the statement's parameters.
+        logger.error(
+            "HTTP %s %s: job store error %s", request.method, request.url.path, type(exc).__name__
+        )
+        return _error(503, "the job store is unreachable")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -151,10 +279,12 @@ def create_app(node_status: NodeStatus, *, token: str | None = None) -> Starlett
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics),
+            Route("/metrics", guarded(get_metrics)),
             Route("/jobs", guarded(list_jobs)),
             Route("/jobs/{job_id:int}", guarded(get_job)),
             Route("/jobs/{job_id:int}/retry", guarded(retry_job), methods=["POST"]),
+            Route("/openapi.json", guarded(openapi)),
         ],
+        exception_handlers={HTTPException: http_error, SQLAlchemyError: store_down},
         lifespan=lifespan,
     )

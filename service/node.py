@@ -27,6 +27,7 @@ import uvicorn
 from service.assembly import Assembler, CFindCounter, SeriesCounter
 from service.config import Settings
 from service.http import Check, create_app
+from service.metrics import NodeMetrics
 from service.receiver import Receiver
 from service.sender import Sender
 from service.store import Clock, JobStore, RetryPolicy, run_migrations, utc_now
@@ -86,18 +87,27 @@ class Node:
                 settings.assembly.sender_query,
                 settings.assembly.query_timeout_s,
             )
+        self.metrics = NodeMetrics(self._store)
         self.assembler = Assembler(
             self._store, settings.assembly, settings.selection, counter=counter
         )
         self.receiver = Receiver(
-            settings.dicom, settings.storage, self._store, listener=self.assembler
+            settings.dicom,
+            settings.storage,
+            self._store,
+            listener=self.assembler,
+            metrics=self.metrics,
         )
         self.sender: SendFunction = send or Sender(
             settings.destinations, settings.sender, calling_ae=settings.dicom.ae_title
         )
-        self.workers = Workers(self._store, processor, self.sender, settings.workers)
+        self.workers = Workers(
+            self._store, processor, self.sender, settings.workers, metrics=self.metrics
+        )
         token = settings.http.token.get_secret_value() if settings.http.token_required else None
-        self.app = create_app(self, token=token)
+        self.app = create_app(
+            self, token=token, metrics=self.metrics, destinations=settings.destinations
+        )
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._started = False
