@@ -1,4 +1,4 @@
-"""Inference backends for UniCT: PyTorch (reference), ONNX Runtime, TensorRT.
+"""Inference backends for UniCT: PyTorch (reference), ONNX Runtime, TensorRT, Triton.
 
 Every backend implements :class:`engines.base.Engine`; :mod:`engines.registry` picks the
 first available one from the order in config and says why the others were skipped.
@@ -16,6 +16,12 @@ Modules
     Plan identity (file name + JSON sidecar) and the runtime on PyTorch CUDA tensors.
 :mod:`engines.build`
     ``unict-node build-engine``: TensorRT 10 plan builds (FP16/FP32/INT8).
+:mod:`engines.triton`
+    The visual path on an NVIDIA Triton Inference Server shared by many workers
+    (``tritonclient`` over HTTP), the report decoded locally.
+:mod:`engines.triton_repository`
+    Triton model repository entries (``config.pbtxt`` + ``1/model.plan`` or
+    ``1/model.onnx``) for the plan or the ONNX export.
 :mod:`engines.registry`
     Backend names, availability report, fallback selection.
 

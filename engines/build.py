@@ -16,6 +16,8 @@ The integrator registers the command with :func:`add_build_engine_arguments` and
   :class:`~engines.tensorrt.PlanKey` (see :mod:`engines.tensorrt`).
 
 ``--export-only`` runs the ONNX export alone and works on any machine.
+``--triton-repo DIR`` also writes the plan (or, with ``--export-only``, the ONNX graph)
+as a Triton model repository entry (:mod:`engines.triton_repository`).
 
 The module also has two helpers for tests and benchmarks: :func:`sample_volume` (a
 realistic preprocessed volume) and :func:`write_random_bundle` (a checkpoint folder of a
@@ -56,6 +58,7 @@ from engines.tensorrt import (
     make_trt_logger,
     tensorrt_availability,
 )
+from engines.triton_repository import write_onnx_entry, write_plan_entry
 from model.bundle import CARD_FILE, ModelBundle, load_bundle, sha256_of
 from model.card import ModelCard, default_labels
 from model.config import UniCTConfig, get_config
@@ -564,6 +567,24 @@ def add_build_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="list the inference backends and whether each can run here",
     )
+    parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        default=None,
+        help="also write a Triton model repository entry into this folder: the plan "
+        "(tensorrt_plan), or with --export-only the ONNX graph (onnxruntime_onnx)",
+    )
+    parser.add_argument(
+        "--triton-model",
+        default=None,
+        help="model name in the Triton repository (default: the card's name, e.g. unict-small)",
+    )
+    parser.add_argument(
+        "--triton-instances",
+        type=int,
+        default=1,
+        help="Triton model instances per GPU (default 1)",
+    )
 
 
 def run_build_engine(args: argparse.Namespace) -> int:
@@ -587,6 +608,16 @@ def run_build_engine(args: argparse.Namespace) -> int:
         for kind in ("inputs", "outputs"):
             for name, shape in summary[kind].items():
                 print(f"  {kind[:-1]:6s} {name:17s} {shape}")
+        if args.triton_repo is not None:
+            entry = write_onnx_entry(
+                args.triton_repo,
+                bundle,
+                exported,
+                name=args.triton_model,
+                max_batch_size=args.max_batch,
+                instance_count=args.triton_instances,
+            )
+            print(f"Triton model: {entry.directory} ({entry.config.platform})")
         return 0
     available = tensorrt_availability()
     if not available:
@@ -627,4 +658,14 @@ def run_build_engine(args: argparse.Namespace) -> int:
     print(
         f"  precision {meta.key.precision}; profile {meta.profile['min']} .. {meta.profile['max']}"
     )
+    if args.triton_repo is not None:
+        entry = write_plan_entry(
+            args.triton_repo,
+            bundle,
+            result.path,
+            meta,
+            name=args.triton_model,
+            instance_count=args.triton_instances,
+        )
+        print(f"Triton model: {entry.directory} ({entry.config.platform})")
     return 0

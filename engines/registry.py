@@ -16,15 +16,18 @@ from engines.base import Availability, Engine
 from engines.onnxruntime import CPU_PROVIDER, CUDA_PROVIDER, OnnxRuntimeEngine
 from engines.pytorch import PyTorchEngine
 from engines.tensorrt import TensorRTEngine
+from engines.triton import TritonEngine
 from model.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
-#: Backend name -> class, in the default order of preference.
+#: Backend name -> class, in the default order of preference. Triton comes last: it is a
+#: deployment choice (a shared inference server), named explicitly where it is wanted.
 BACKENDS: dict[str, type[Engine]] = {
     "tensorrt": TensorRTEngine,
     "onnxruntime": OnnxRuntimeEngine,
     "pytorch": PyTorchEngine,
+    "triton": TritonEngine,
 }
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -76,7 +79,8 @@ def create_engine(
     Parameters
     ----------
     name
-        ``"tensorrt"``, ``"onnxruntime"`` or ``"pytorch"``.
+        ``"tensorrt"``, ``"onnxruntime"``, ``"pytorch"`` or ``"triton"`` (the server is
+        ``UNICT_TRITON_URL``: see :mod:`engines.triton`).
     bundle
         The checkpoint.
     plan_dir
@@ -84,7 +88,8 @@ def create_engine(
     onnx_dir
         Cache of ONNX exports; default ``plan_dir / "onnx"``.
     device
-        ``"auto"`` (GPU when present), ``"cpu"`` or ``"cuda"``.
+        ``"auto"`` (GPU when present), ``"cpu"`` or ``"cuda"``; for Triton, where the
+        report is decoded.
     threads
         CPU threads for the CPU backends; 0 leaves their default.
     precision
@@ -115,6 +120,8 @@ def create_engine(
         return OnnxRuntimeEngine(
             bundle, onnx_dir or Path(plan_dir) / "onnx", providers=providers, threads=threads
         )
+    if name == "triton":
+        return TritonEngine(bundle, device=device)
     return PyTorchEngine(bundle, device=device, threads=threads)
 
 

@@ -36,7 +36,7 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backends_are_known_by_name() -> None:
-    assert list(BACKENDS) == ORDER
+    assert list(BACKENDS) == [*ORDER, "triton"]
     assert BACKENDS["pytorch"] is PyTorchEngine
 
 
@@ -72,7 +72,7 @@ def test_availability_report_lists_each_backend_with_its_reason() -> None:
 
 
 def test_unknown_backend_names_the_known_ones(bundle: ModelBundle, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="known engines: tensorrt, onnxruntime, pytorch"):
+    with pytest.raises(ValueError, match="known engines: tensorrt, onnxruntime, pytorch, triton"):
         availability_report(["onnxruntime", "openvino"])
     with pytest.raises(ValueError, match="'openvino'"):
         select_engine(["pytorch", "openvino"], bundle, plan_dir=tmp_path)
