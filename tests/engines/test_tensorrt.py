@@ -266,7 +266,7 @@ def test_build_engine_export_only_uses_the_cache(
 def test_build_engine_lists_backends(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_build_engine(parse(["--list"])) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["tensorrt", "onnxruntime", "pytorch"]
+    assert [line.split()[0] for line in lines] == ["tensorrt", "onnxruntime", "pytorch", "triton"]
 
 
 # --------------------------------------------------------------------------- on a GPU with TensorRT
