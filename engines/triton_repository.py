@@ -165,7 +165,9 @@ class TritonModelConfig:
         if self.max_batch_size > 1:
             lines.append("dynamic_batching { }")
         lines.append("instance_group [")
-        lines.append(f"  {{ count: {self.instance_count}\n    kind: {self.instance_kind} }}")
+        lines.append(
+            f"  {{\n    count: {self.instance_count}\n    kind: {self.instance_kind}\n  }}"
+        )
         lines.append("]")
         for key in sorted(self.parameters):
             lines.append(
