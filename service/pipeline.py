@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from engines.base import Engine, InferenceResult
 from model.card import ModelCard
@@ -70,6 +71,35 @@ class OutputOptions:
             )
         if self.seg_series_number == self.sr_series_number:
             raise ValueError("the SEG and SR series numbers must differ")
+
+
+@dataclass(frozen=True)
+class OutputUIDs:
+    """Series and SOP Instance UIDs of a job's SEG and SR.
+
+    Derived from what identifies the result (source study and series, series version,
+    model name and version), never drawn at random, so that a job run again after a crash
+    or a failed send produces the same UIDs: a PACS that already stored an output keeps
+    one copy instead of a duplicate result (PS3.4 B.4.1: an instance is identified by its
+    SOP Instance UID).
+    """
+
+    seg_series: str
+    seg_instance: str
+    sr_series: str
+    sr_instance: str
+
+    @classmethod
+    def for_result(
+        cls, study_uid: str, series_uid: str, version: int, card: ModelCard
+    ) -> OutputUIDs:
+        """The UIDs of the result of `card`'s model on version `version` of a series."""
+
+        def uid(kind: str) -> str:
+            sources = ["unict-node output", study_uid, series_uid, str(version)]
+            return str(generate_uid(entropy_srcs=[*sources, card.name, card.version, kind]))
+
+        return cls(uid("seg series"), uid("seg instance"), uid("sr series"), uid("sr instance"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,9 +179,14 @@ def postprocess_stage(
 
 
 def encode_stage(
-    volume: SourceVolume, analysis: AnalysisResult, card: ModelCard, outputs: OutputOptions
+    volume: SourceVolume,
+    analysis: AnalysisResult,
+    card: ModelCard,
+    outputs: OutputOptions,
+    uids: OutputUIDs | None = None,
 ) -> tuple[Dataset | None, Dataset]:
-    """Stage ``encode``: the SEG (if any finding has a mask) and the SR."""
+    """Stage ``encode``: the SEG (if any finding has a mask) and the SR (new UIDs when
+    `uids` is ``None``)."""
     seg = build_seg(
         volume,
         analysis,
@@ -161,6 +196,8 @@ def encode_stage(
         segmentation_type=outputs.segmentation_type,
         omit_empty_frames=outputs.omit_empty_frames,
         device_serial=outputs.device_serial,
+        series_instance_uid=uids.seg_series if uids else None,
+        sop_instance_uid=uids.seg_instance if uids else None,
     )
     sr = build_sr(
         volume,
@@ -170,12 +207,19 @@ def encode_stage(
         series_number=outputs.sr_series_number,
         series_description=outputs.sr_series_description,
         device_serial=outputs.device_serial,
+        series_instance_uid=uids.sr_series if uids else None,
+        sop_instance_uid=uids.sr_instance if uids else None,
     )
     return seg, sr
 
 
 def analyse_series(
-    paths: Sequence[Path], engine: Engine, card: ModelCard, outputs: OutputOptions
+    paths: Sequence[Path],
+    engine: Engine,
+    card: ModelCard,
+    outputs: OutputOptions,
+    *,
+    uids: OutputUIDs | None = None,
 ) -> PipelineResult:
     """Run one series through every stage.
 
@@ -189,6 +233,8 @@ def analyse_series(
         The model card of the engine's checkpoint.
     outputs
         SEG/SR options.
+    uids
+        UIDs of the SEG and SR (see :meth:`OutputUIDs.for_result`); new ones when ``None``.
 
     Returns
     -------
@@ -211,7 +257,7 @@ def analyse_series(
     with _stage(Stage.POSTPROCESS, timings):
         analysis = postprocess_stage(result, model_input, volume, card, outputs)
     with _stage(Stage.ENCODE, timings):
-        seg, sr = encode_stage(volume, analysis, card, outputs)
+        seg, sr = encode_stage(volume, analysis, card, outputs, uids)
     logger.info(
         "analysed series %s with %s: %d present finding(s); %s",
         volume.series_instance_uid,

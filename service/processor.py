@@ -16,7 +16,7 @@ from engines.base import Engine
 from engines.registry import select_engine
 from model.bundle import ModelBundle, load_bundle
 from service.config import Settings
-from service.pipeline import OutputOptions, analyse_series
+from service.pipeline import OutputOptions, OutputUIDs, analyse_series
 from service.preview import write_preview
 from service.summary import summarize
 from service.worker import ClaimedJob, ProcessOutcome
@@ -90,7 +90,13 @@ class UniCTProcessor:
     def __call__(self, job: ClaimedJob) -> ProcessOutcome:
         self.load()
         assert self._engine is not None and self._bundle is not None
-        result = analyse_series(job.instance_paths, self._engine, self._bundle.card, self.options)
+        card = self._bundle.card
+        # The same UIDs on every run of this job: a re-run after a crash or a failed send
+        # cannot leave a second SEG/SR in the PACS.
+        uids = OutputUIDs.for_result(
+            job.study_instance_uid, job.series_instance_uid, job.version, card
+        )
+        result = analyse_series(job.instance_paths, self._engine, card, self.options, uids=uids)
         outputs = tuple(ds for ds in (result.seg, result.sr) if ds is not None)
         timings = {stage.value: seconds for stage, seconds in result.timings.items()}
         preview = None

@@ -37,13 +37,21 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     RLELossless,
 )
+from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -80,14 +88,34 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 SUPPORTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
-# Transfer syntaxes pydicom decodes without optional plugins. A PACS offered only these
-# sends uncompressed (it transcodes), so nothing is accepted that the pipeline cannot load.
-SUPPORTED_TRANSFER_SYNTAXES = (
+# Lossless compressed syntaxes a CT may arrive in; each is offered only when a pixel data
+# decoder for it is installed (pylibjpeg-libjpeg for JPEG Lossless, pyjpegls or
+# pylibjpeg-libjpeg for JPEG-LS, pylibjpeg-openjpeg for JPEG 2000; RLE is pydicom's own).
+# Lossy syntaxes are never offered: a PACS then transcodes to one of these.
+_COMPRESSED_LOSSLESS = (
+    JPEGLosslessSV1,
+    JPEGLosslessP14,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    RLELossless,
+)
+
+
+def _decodable(syntax: UID) -> bool:
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except NotImplementedError:
+        return False
+
+
+# The uncompressed syntaxes, then the compressed ones the pipeline can decode here: nothing
+# is accepted that the pipeline cannot load.
+SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    RLELossless,
+    *(s for s in _COMPRESSED_LOSSLESS if _decodable(s)),
 )
 
 # A UID is digits and dots, at most 64 characters (PS3.5 §9.1). It becomes a path
@@ -139,6 +167,46 @@ def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         context.load_verify_locations(cafile=tls.ca_file)
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
     return context
+
+
+# Values longer than this are not read while checking a received file (pixel data stays on
+# disk); they are only checked to end inside the file.
+_DEFER_BYTES = 4096
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _incomplete(ds: Dataset, size: int) -> str | None:
+    """Why a dataset read from a file of `size` bytes is cut short, or ``None``.
+
+    A sender that drops the connection mid-object, or a router that forwards a truncated
+    file, leaves a dataset whose last value ends past the end of the data; pydicom reads
+    such a file with a warning only, so it is checked here, before success is answered.
+    An encapsulated Pixel Data cut before its delimiter is dropped by pydicom: a missing
+    Pixel Data is caught the same way.
+    """
+    if "PixelData" not in ds:
+        return "no Pixel Data (missing, or cut before its end)"
+    pixels = ds.get_item(0x7FE00010)
+    if isinstance(pixels, RawDataElement) and pixels.length != _UNDEFINED_LENGTH:
+        # Native (uncompressed) pixel data must hold every frame (PS3.5 §8.1.1).
+        try:
+            frames = int(ds.get("NumberOfFrames") or 1)
+            bits = int(ds.BitsAllocated)
+            samples = int(ds.get("SamplesPerPixel") or 1)
+            needed = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
+        except (AttributeError, TypeError, ValueError):
+            return "Rows, Columns or BitsAllocated missing or invalid"
+        if pixels.length < needed:
+            return f"Pixel Data has {pixels.length} bytes, the image needs {needed}"
+    for element in ds.elements():
+        if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
+            continue
+        if element.value_tell + element.length > size:
+            return (
+                f"value of {element.tag} ends at byte {element.value_tell + element.length} "
+                f"of a {size}-byte object (truncated)"
+            )
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -373,7 +441,11 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
 
         try:
-            ds = dcmread(source, stop_before_pixels=True)
+            ds = dcmread(source, defer_size=_DEFER_BYTES)
+            problem = _incomplete(ds, source.stat().st_size)
+            if problem is not None:
+                logger.warning("sop %s cannot be stored: %s", requested_instance, problem)
+                return STATUS_CANNOT_UNDERSTAND
             header = InstanceHeader.from_dataset(ds)
             study_uid = str(ds.StudyInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)

@@ -290,6 +290,9 @@ def load_series(
         If a file cannot be read or its pixel data cannot be decoded (stage ``load``).
     """
     if len(paths) < 2:
+        if len(paths) == 1:
+            # One Enhanced CT instance holds the whole volume: say that, not "1 slice".
+            _check_single_frame(_read(Path(paths[0]), 0), 0)
         raise SeriesGeometryError(f"a volume needs at least 2 slices, got {len(paths)}")
     # One read per file, decoded at once into the volume (in file order) and its pixel
     # bytes dropped, so at most one file's pixel data is held besides the volume.

@@ -29,6 +29,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from model.card import ModelCard
 from model.labels import CodedConcept as CardConcept
+from service.outputs.charset import output_character_set
 from service.postprocess import AnalysisResult, FindingResult
 from service.volume import SourceVolume
 
@@ -222,6 +223,7 @@ def build_seg(
     now = dt.datetime.now()
     seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
+        specific_character_set=output_character_set(volume.datasets[0]),
         pixel_array=pixel_array,
         segmentation_type=seg_type,
         segment_descriptions=segment_descriptions(findings, card),

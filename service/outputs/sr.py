@@ -31,6 +31,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from model.card import ModelCard
+from service.outputs.charset import output_character_set
 from service.outputs.seg import coded, contributing_equipment, segmented_findings
 from service.postprocess import AnalysisResult, FindingResult, LesionMeasurement
 from service.volume import SourceVolume
@@ -252,6 +253,7 @@ def build_sr(
     evidence: list[Dataset] = [*volume.datasets, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
+        specific_character_set=output_character_set(volume.datasets[0]),
         content=report[0],
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
