@@ -295,7 +295,7 @@ class HttpSettings(_Section):
         )
 
 
-EngineName = Literal["tensorrt", "onnxruntime", "pytorch"]
+EngineName = Literal["tensorrt", "onnxruntime", "pytorch", "triton"]
 
 
 class ModelSettings(_Section):

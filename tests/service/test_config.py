@@ -192,6 +192,8 @@ def test_slice_thickness_range_and_engines(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "model:\n  engines: [tensorrt, tflite]\n")
     with pytest.raises(ConfigError, match=r"model\.engines\[1\]"):
         load_settings(path, env={})
+    path = write(tmp_path, MINIMAL + "model:\n  engines: [triton, onnxruntime]\n")
+    assert load_settings(path, env={}).model.engines == ("triton", "onnxruntime")
 
 
 def test_defaults_and_helpers() -> None:
