@@ -264,18 +264,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
-def test_bad_series_has_its_outcome_and_the_rest_of_the_study_is_done(
-    nut: NodeUnderTest, case: Case
-) -> None:
-    study = generate_uid()
-    bad = case.build(study)
-    companion = good(study)
-    statuses = send(nut.port, [ds for series in bad for ds in series] + companion)
-    assert set(statuses) == {0x0000}
+@pytest.fixture(scope="module")
+def case_studies(nut: NodeUnderTest) -> dict[str, tuple[str, str]]:
+    """Send every case at once, each in a study of its own with a good series after it.
 
+    Returns case name -> (study UID, the good series' UID). One round trip for all cases
+    keeps the module quick; each case is then checked by its own test.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for name, case in CASES.items():
+        study = generate_uid()
+        companion = good(study)
+        statuses = send(nut.port, [ds for series in case.build(study) for ds in series] + companion)
+        assert set(statuses) == {0x0000}, name
+        out[name] = (study, companion[0].SeriesInstanceUID)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_series_has_its_outcome_and_the_rest_of_the_study_is_done(
+    nut: NodeUnderTest, case_studies: dict[str, tuple[str, str]], name: str
+) -> None:
+    case = CASES[name]
+    study, companion = case_studies[name]
     jobs = by_series(nut.settled(study, count=2))
-    (done,) = jobs.pop(companion[0].SeriesInstanceUID)
+    (done,) = jobs.pop(companion)
     assert_done_and_delivered(nut, done)
     (bad_jobs,) = jobs.values()
     (job,) = bad_jobs  # one job, no second version
