@@ -16,6 +16,9 @@ need_apt=()
 command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 # `docker-compose config` validates deploy/compose in the tests (no Docker daemon needed).
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+# Debian's chromium and Node.js/npm for the viewer tests (tests/viewer: OHIF in a real browser).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v npm >/dev/null 2>&1 || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -78,5 +81,12 @@ PY
     echo "setup: WARNING: could not install helm; the Helm chart tests will be skipped" >&2
   fi
   rm -rf "$tmp"
+fi
+
+# The viewer harness (deploy/viewer): the prebuilt OHIF viewer and playwright-core from npm
+# into .cache/viewer, pinned; no browser download (the tests drive Debian's chromium). A
+# failure only warns: the viewer tests then skip and say why.
+if ! bash deploy/viewer/install.sh .cache/viewer; then
+  echo "setup: WARNING: could not install the viewer harness; the viewer tests will be skipped" >&2
 fi
 echo "setup: done (.venv ready)"
