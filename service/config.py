@@ -46,6 +46,7 @@ __all__ = [
     "ModelSettings",
     "OutputsSettings",
     "QueryPeer",
+    "RetentionSettings",
     "SegOutputSettings",
     "SelectionSettings",
     "SenderSettings",
@@ -247,6 +248,25 @@ class StorageSettings(_Section):
     """Per-job previews (PNG overlay) for admins and the demo."""
 
 
+class RetentionSettings(_Section):
+    """When received instances leave the spool (DESIGN.md §7: never before their job ends).
+
+    A study's files are removed once every job of the study has ended (``DONE``,
+    ``REJECTED`` or ``FAILED``) and the last of them ended ``keep_done_hours`` ago
+    (``keep_failed_hours`` if one of them FAILED, so an admin can still retry it). Below
+    ``emergency_free_mb`` of free spool space the ended studies go at once, oldest first,
+    whatever their age. A file that a job not yet ended refers to is never removed.
+    """
+
+    enabled: bool = True
+    keep_done_hours: float = Field(default=24.0, ge=0)
+    keep_failed_hours: float = Field(default=168.0, ge=0)
+    emergency_free_mb: int = Field(default=2048, ge=0)
+    interval_s: float = Field(default=300.0, gt=0)
+    partial_max_age_s: float = Field(default=3600.0, gt=0)
+    """Temporary ``.part`` files older than this are left over from a crash mid-write."""
+
+
 class DatabaseSettings(_Section):
     """The job store."""
 
@@ -376,6 +396,7 @@ class Settings(_Section):
     destinations: tuple[Destination, ...] = ()
     sender: SenderSettings = SenderSettings()
     storage: StorageSettings = StorageSettings()
+    retention: RetentionSettings = RetentionSettings()
     database: DatabaseSettings = DatabaseSettings()
     http: HttpSettings = HttpSettings()
     model: ModelSettings = ModelSettings()

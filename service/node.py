@@ -29,6 +29,7 @@ from service.config import Settings
 from service.http import Check, create_app
 from service.metrics import NodeMetrics
 from service.receiver import Receiver
+from service.retention import RetentionCleaner
 from service.sender import Sender
 from service.store import Clock, JobStore, RetryPolicy, run_migrations, utc_now
 from service.worker import Processor, SendFunction, Workers
@@ -104,6 +105,9 @@ class Node:
         self.workers = Workers(
             self._store, processor, self.sender, settings.workers, metrics=self.metrics
         )
+        self.retention = RetentionCleaner(
+            self._store, settings.storage.spool_dir, settings.retention
+        )
         token = settings.http.token.get_secret_value() if settings.http.token_required else None
         self.app = create_app(
             self, token=token, metrics=self.metrics, destinations=settings.destinations
@@ -137,6 +141,8 @@ class Node:
             self.receiver.start()
             self.assembler.start()
             self.workers.start()
+            if self.settings.retention.enabled:
+                self.retention.start()
             if http:
                 self._start_http()
         except BaseException:
@@ -146,7 +152,8 @@ class Node:
         logger.info("node %s started", self.settings.dicom.ae_title)
 
     def stop(self) -> None:
-        """Stop in reverse order: HTTP, listener, assembler, workers (running jobs finish)."""
+        """Stop in reverse order: HTTP, listener, assembler, workers (running jobs finish),
+        retention cleaner."""
         if self._http is not None:
             self._http.should_exit = True
             if self._http_thread is not None:
@@ -156,6 +163,7 @@ class Node:
         self.receiver.stop()
         self.assembler.stop()
         self.workers.stop()
+        self.retention.stop()
         self._store.close()
         if self._started:
             logger.info("node %s stopped", self.settings.dicom.ae_title)

@@ -11,11 +11,13 @@ from service.store.repository import (
     RecordOutcome,
     RecordResult,
     RetryPolicy,
+    StudyRetention,
     utc_now,
 )
-from service.store.states import TRANSITIONS, JobState, check_transition
+from service.store.states import ENDED_STATES, TRANSITIONS, JobState, check_transition
 
 __all__ = [
+    "ENDED_STATES",
     "TRANSITIONS",
     "Clock",
     "InstanceRecord",
@@ -27,6 +29,7 @@ __all__ = [
     "RecordOutcome",
     "RecordResult",
     "RetryPolicy",
+    "StudyRetention",
     "check_transition",
     "run_migrations",
     "utc_now",

@@ -40,7 +40,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from service.errors import IllegalTransition, JobNotFound, LeaseLost
 from service.store.models import Instance, Job, Series
-from service.store.states import ACTIVE_STATES, JobState, check_transition
+from service.store.states import ACTIVE_STATES, ENDED_STATES, JobState, check_transition
 
 __all__ = [
     "Clock",
@@ -52,6 +52,7 @@ __all__ = [
     "RecordOutcome",
     "RecordResult",
     "RetryPolicy",
+    "StudyRetention",
     "create_store_engine",
     "utc_now",
 ]
@@ -201,6 +202,22 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class StudyRetention:
+    """What the retention cleaner needs to know about a study."""
+
+    study_instance_uid: str
+    ended: bool
+    """Every job of the study is ``DONE``, ``FAILED`` or ``REJECTED``."""
+    ended_at: datetime
+    """When the last of its jobs changed state."""
+    failed: bool
+    """One of its jobs is ``FAILED``."""
+    job_ids: tuple[int, ...]
+    spool_removed: bool
+    """Its files were already removed (``outputs["spool_removed_at"]`` on every job)."""
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """How often, and how late, a job that failed for a retryable reason runs again."""
 
@@ -278,6 +295,10 @@ class JobStore:
     def close(self) -> None:
         """Release the database connections."""
         self.engine.dispose()
+
+    def now(self) -> datetime:
+        """The store's clock (the one every timestamp it writes comes from)."""
+        return self._clock()
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -802,6 +823,65 @@ class JobStore:
                 )
                 out.append(JobRecord._from_rows(job, series))
         return out
+
+    # ----------------------------------------------------------------- retention
+
+    def studies_for_retention(self) -> list[StudyRetention]:
+        """Every study with its jobs' state, oldest-ended first."""
+        stmt = select(Series.study_instance_uid, Job.id, Job.state, Job.updated_at, Job.outputs)
+        stmt = stmt.join(Series, Job.series_id == Series.id)
+        studies: dict[str, list[tuple[int, JobState, datetime, Mapping[str, Any]]]] = {}
+        with self._tx() as session:
+            for study, job_id, state, updated, outputs in session.execute(stmt):
+                studies.setdefault(study, []).append((job_id, state, updated, outputs or {}))
+        out = [
+            StudyRetention(
+                study_instance_uid=study,
+                ended=all(state in ENDED_STATES for _, state, _, _ in jobs),
+                ended_at=max(updated for _, _, updated, _ in jobs),
+                failed=any(state is JobState.FAILED for _, state, _, _ in jobs),
+                job_ids=tuple(sorted(job_id for job_id, _, _, _ in jobs)),
+                spool_removed=all("spool_removed_at" in outputs for _, _, _, outputs in jobs),
+            )
+            for study, jobs in studies.items()
+        ]
+        return sorted(out, key=lambda s: s.ended_at)
+
+    def study_files(self, study_instance_uid: str) -> set[Path]:
+        """The spool files of every instance of every version of a study's series."""
+        stmt = (
+            select(Instance.path)
+            .join(Series, Instance.series_id == Series.id)
+            .where(Series.study_instance_uid == study_instance_uid)
+            .distinct()
+        )
+        with self._tx() as session:
+            return {Path(p) for p in session.scalars(stmt)}
+
+    def files_in_use(self) -> set[Path]:
+        """Spool files that a job not yet ended refers to: never to be removed.
+
+        Read in the same transaction as nothing else, so the cleaner checks it again right
+        before deleting (a late instance may have started a new version meanwhile).
+        """
+        stmt = (
+            select(Instance.path)
+            .join(Series, Instance.series_id == Series.id)
+            .join(Job, Job.series_id == Series.id)
+            .where(Job.state.not_in(ENDED_STATES))
+            .distinct()
+        )
+        with self._tx() as session:
+            return {Path(p) for p in session.scalars(stmt)}
+
+    def mark_spool_removed(self, job_ids: Sequence[int]) -> None:
+        """Note on each job (``outputs["spool_removed_at"]``) that its files left the spool."""
+        now = self._clock()
+        with self._tx() as session:
+            for job_id in job_ids:
+                job = session.get(Job, job_id, with_for_update=True)
+                if job is not None:
+                    job.outputs = {**job.outputs, "spool_removed_at": now.isoformat()}
 
     # ----------------------------------------------------------------- admin
 

@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from service.errors import IllegalTransition
 
-__all__ = ["ACTIVE_STATES", "TRANSITIONS", "JobState", "check_transition"]
+__all__ = ["ACTIVE_STATES", "ENDED_STATES", "TRANSITIONS", "JobState", "check_transition"]
 
 
 class JobState(StrEnum):
@@ -50,6 +50,9 @@ TRANSITIONS: MappingProxyType[JobState, frozenset[JobState]] = MappingProxyType(
 
 ACTIVE_STATES = frozenset({_S.RUNNING, _S.SENDING})
 """States in which a worker holds a lease on the job."""
+
+ENDED_STATES = frozenset({_S.DONE, _S.FAILED, _S.REJECTED})
+"""States a job stays in unless an admin retries it: its files may leave the spool."""
 
 
 def check_transition(old: JobState, new: JobState) -> None:

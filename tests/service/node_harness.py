@@ -40,6 +40,7 @@ from service.config import (
     AssemblySettings,
     DatabaseSettings,
     DicomSettings,
+    RetentionSettings,
     SelectionSettings,
     SenderSettings,
     Settings,
@@ -191,6 +192,7 @@ def node_settings(
     sender: SenderSettings | None = None,
     workers: WorkersSettings | None = None,
     selection: SelectionSettings = SELECTION,
+    retention: RetentionSettings | None = None,
     **dicom: Any,
 ) -> Settings:
     """Settings of a test node on loopback (port 0, SQLite and spool in `tmp_path`)."""
@@ -204,6 +206,7 @@ def node_settings(
         storage=StorageSettings(
             spool_dir=tmp_path / "spool", min_free_mb=0, results_dir=tmp_path / "results"
         ),
+        retention=retention or RetentionSettings(),
         database=DatabaseSettings(url=f"sqlite:///{tmp_path / 'db' / 'unict.db'}"),
         workers=workers or WorkersSettings(count=1, poll_interval_s=0.05, retry_backoff_s=0.2),
     )
