@@ -357,11 +357,21 @@ class SrOutputSettings(_Section):
     series_description: str = Field(default="UniCT report", max_length=64)
 
 
+class ScOutputSettings(_Section):
+    """Key images with the findings burned in (Secondary Capture), for viewers without SEG."""
+
+    enabled: bool = False
+    series_number: int = Field(default=9903, ge=1)
+    series_description: str = Field(default="UniCT key images", max_length=64)
+    max_images: int = Field(default=5, ge=1, le=50)
+
+
 class OutputsSettings(_Section):
     """What the node sends back."""
 
     seg: SegOutputSettings = SegOutputSettings()
     sr: SrOutputSettings = SrOutputSettings()
+    sc: ScOutputSettings = ScOutputSettings()
 
 
 class WorkersSettings(_Section):

@@ -22,6 +22,7 @@ from engines.base import Engine, InferenceResult
 from model.card import ModelCard
 from model.transforms import ModelInput, preprocess
 from service.errors import Stage, StageError
+from service.outputs.sc import build_key_images
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
 from service.postprocess import AnalysisResult, postprocess
@@ -34,7 +35,7 @@ _MAX_REASON = 300
 
 @dataclass(frozen=True)
 class OutputOptions:
-    """How the SEG and SR series are written.
+    """How the SEG, SR and optional key-image series are written.
 
     Attributes
     ----------
@@ -52,6 +53,8 @@ class OutputOptions:
         Connected components smaller than this are dropped.
     mask_threshold
         Probability above which a voxel is in a finding's mask.
+    sc_enabled, sc_series_number, sc_series_description, sc_max_images
+        The optional key-image series (Secondary Capture, findings burned in).
     """
 
     seg_series_number: int = 9901
@@ -63,6 +66,10 @@ class OutputOptions:
     device_serial: str = ""
     min_lesion_ml: float = 0.05
     mask_threshold: float = 0.5
+    sc_enabled: bool = False
+    sc_series_number: int = 9903
+    sc_series_description: str = "UniCT key images (research)"
+    sc_max_images: int = 5
 
     def __post_init__(self) -> None:
         if self.segmentation_type not in ("BINARY", "LABELMAP"):
@@ -71,6 +78,13 @@ class OutputOptions:
             )
         if self.seg_series_number == self.sr_series_number:
             raise ValueError("the SEG and SR series numbers must differ")
+        if self.sc_enabled and self.sc_series_number in (
+            self.seg_series_number,
+            self.sr_series_number,
+        ):
+            raise ValueError("the key-image series number must differ from the SEG's and SR's")
+        if self.sc_max_images < 1:
+            raise ValueError(f"sc_max_images must be at least 1, got {self.sc_max_images}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,14 @@ class OutputUIDs:
     seg_instance: str
     sr_series: str
     sr_instance: str
+    sc_series: str = ""
+
+    def sc_instances(self, count: int) -> tuple[str, ...]:
+        """SOP Instance UIDs of the first `count` key images (derived from `sc_series`)."""
+        series = self.sc_series or str(generate_uid(entropy_srcs=[self.sr_instance, "sc"]))
+        return tuple(
+            str(generate_uid(entropy_srcs=[series, "sc instance", str(i)])) for i in range(count)
+        )
 
     @classmethod
     def for_result(
@@ -99,7 +121,13 @@ class OutputUIDs:
             sources = ["unict-node output", study_uid, series_uid, str(version)]
             return str(generate_uid(entropy_srcs=[*sources, card.name, card.version, kind]))
 
-        return cls(uid("seg series"), uid("seg instance"), uid("sr series"), uid("sr instance"))
+        return cls(
+            uid("seg series"),
+            uid("seg instance"),
+            uid("sr series"),
+            uid("sr instance"),
+            uid("sc series"),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,6 +146,8 @@ class PipelineResult:
         The loaded source volume (for previews; not kept after the job).
     timings
         Seconds per stage, keyed by :class:`~service.errors.Stage`.
+    sc
+        The key images (Secondary Capture), when enabled and any finding has a mask.
     """
 
     seg: Dataset | None
@@ -125,6 +155,7 @@ class PipelineResult:
     analysis: AnalysisResult
     volume: SourceVolume
     timings: Mapping[Stage, float]
+    sc: tuple[Dataset, ...] = ()
 
 
 @contextmanager
@@ -213,6 +244,30 @@ def encode_stage(
     return seg, sr
 
 
+def key_image_stage(
+    volume: SourceVolume,
+    analysis: AnalysisResult,
+    card: ModelCard,
+    outputs: OutputOptions,
+    uids: OutputUIDs | None = None,
+) -> tuple[Dataset, ...]:
+    """Part of stage ``encode``: the key images, when ``outputs.sc_enabled``."""
+    if not outputs.sc_enabled:
+        return ()
+    return tuple(
+        build_key_images(
+            volume,
+            analysis,
+            card,
+            series_number=outputs.sc_series_number,
+            series_description=outputs.sc_series_description,
+            max_images=outputs.sc_max_images,
+            series_instance_uid=(uids.sc_series or None) if uids else None,
+            sop_instance_uids=uids.sc_instances(outputs.sc_max_images) if uids else None,
+        )
+    )
+
+
 def analyse_series(
     paths: Sequence[Path],
     engine: Engine,
@@ -258,6 +313,7 @@ def analyse_series(
         analysis = postprocess_stage(result, model_input, volume, card, outputs)
     with _stage(Stage.ENCODE, timings):
         seg, sr = encode_stage(volume, analysis, card, outputs, uids)
+        sc = key_image_stage(volume, analysis, card, outputs, uids)
     logger.info(
         "analysed series %s with %s: %d present finding(s); %s",
         volume.series_instance_uid,
@@ -265,4 +321,4 @@ def analyse_series(
         len(analysis.present),
         ", ".join(f"{stage.value} {seconds:.2f} s" for stage, seconds in timings.items()),
     )
-    return PipelineResult(seg=seg, sr=sr, analysis=analysis, volume=volume, timings=timings)
+    return PipelineResult(seg=seg, sr=sr, analysis=analysis, volume=volume, timings=timings, sc=sc)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def output_options(settings: Settings) -> OutputOptions:
-    """SEG/SR options from the ``outputs`` section of config."""
+    """SEG/SR/SC options from the ``outputs`` section of config."""
     seg, sr = settings.outputs.seg, settings.outputs.sr
     return OutputOptions(
         seg_series_number=seg.series_number,
@@ -35,6 +35,10 @@ def output_options(settings: Settings) -> OutputOptions:
         segmentation_type=seg.segmentation_type,
         omit_empty_frames=seg.omit_empty_frames,
         device_serial=settings.dicom.ae_title,
+        sc_enabled=settings.outputs.sc.enabled,
+        sc_series_number=settings.outputs.sc.series_number,
+        sc_series_description=settings.outputs.sc.series_description,
+        sc_max_images=settings.outputs.sc.max_images,
     )
 
 
@@ -97,7 +101,7 @@ class UniCTProcessor:
             job.study_instance_uid, job.series_instance_uid, job.version, card
         )
         result = analyse_series(job.instance_paths, self._engine, card, self.options, uids=uids)
-        outputs = tuple(ds for ds in (result.seg, result.sr) if ds is not None)
+        outputs = tuple(ds for ds in (result.seg, result.sr, *result.sc) if ds is not None)
         timings = {stage.value: seconds for stage, seconds in result.timings.items()}
         preview = None
         try:
