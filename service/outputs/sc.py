@@ -122,7 +122,9 @@ def render_key_image(
         on_slice = finding in key.findings
         draw.rectangle((6, y + 2, 6 + size - 4, y + size - 2), fill=finding.abnormality.color_rgb)
         text = f"{finding.abnormality.name}  p={finding.probability:.2f}"
-        if not on_slice:
+        if finding.mask is None or not finding.mask.any():
+            text += "  (no region segmented)"
+        elif not on_slice:
             text += "  (not on this slice)"
         draw.text((10 + size, y), text, fill=(255, 255, 255), font=font)
         y += line
@@ -130,7 +132,9 @@ def render_key_image(
         draw.text((6, y), "No abnormality found", fill=(255, 255, 255), font=font)
         y += line
     width_chars = max(20, int(image.width / (size * 0.6)))
-    footer = textwrap.wrap(analysis.report_text.strip(), width_chars)[:4]
+    footer = textwrap.wrap(analysis.report_text.strip(), width_chars)
+    if len(footer) > 4:  # the full text is in the SR; say that this is cut
+        footer = [*footer[:3], footer[3][: width_chars - 3] + "..."]
     footer += textwrap.wrap(
         f"slice {key.index + 1}/{volume.hu.shape[0]}  {card.name} {card.version}  "
         f"{card.clinical_use}",

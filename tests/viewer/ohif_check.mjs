@@ -5,8 +5,9 @@
 //
 //   node ohif_check.mjs spec.json
 //
-// spec: {nodeModules, baseUrl, studyUID, segDescription, srDescription, sourceSOPInstanceUID,
-//        outDir, prefix, timeoutMs}
+// spec: {nodeModules, chromium, baseUrl, studyUID, segDescription, srDescription,
+//        keyImage: {description, sopInstanceUID}, sourceSOPInstanceUID, outDir, prefix,
+//        timeoutMs}
 // Every step waits for a condition (a selector, network idle, a cornerstone render event,
 // two identical screenshots in a row), never for a fixed time. A failed step is recorded in
 // `errors` and the rest still runs, so a broken SEG gives screenshots and figures to look at.
@@ -163,6 +164,31 @@ try {
     await page.locator('[data-cy="all-segments-visibility-toggle"]').click();
     await rendered(page);
   });
+
+  if (spec.keyImage) {
+    // The key-image series (Secondary Capture): it replaces the CT in the viewport.
+    await step('open key images', async () => {
+      await page.getByText(spec.keyImage.description, { exact: true }).dblclick();
+      await page.waitForFunction(
+        uid => {
+          const vp = window.cornerstone.getEnabledElements()[0]?.viewport;
+          return Boolean(vp?.getCurrentImageId?.()?.includes(`/instances/${uid}/`));
+        },
+        spec.keyImage.sopInstanceUID,
+        { timeout },
+      );
+      await page.waitForLoadState('networkidle', { timeout });
+      result.keyImage = await page.evaluate(() => {
+        const vp = window.cornerstone.getEnabledElements()[0].viewport;
+        const rect = vp.canvas.getBoundingClientRect();
+        return {
+          imageId: vp.getCurrentImageId(),
+          canvas: [rect.left, rect.top, rect.width, rect.height],
+        };
+      });
+    });
+    result.screenshots.keyImage = await stableScreenshot(page, shot('key-image'));
+  }
 
   if (spec.srDescription) {
     await step('open SR', async () => {

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+import yaml
 from PIL import Image
 from pydicom.uid import generate_uid
 from scipy import ndimage
@@ -56,9 +57,11 @@ DRIVER = Path(__file__).with_name("ohif_check.mjs")
 ARTIFACTS = ROOT / "artifacts" / "viewer"
 # A case whose pleural effusion is large (thousands of voxels over tens of slices).
 SEED = 4
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SEG_DESCRIPTION = "UniCT segmentation"
 SR_DESCRIPTION = "UniCT report"
 BROKEN_DESCRIPTION = "UniCT segmentation (broken on purpose)"
+KEY_IMAGES_DESCRIPTION = "UniCT key images"
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -93,6 +96,7 @@ class Study:
     source_uids: tuple[str, ...]  # CT instances in slice order
     seg: pydicom.Dataset
     sr: pydicom.Dataset
+    key_images: tuple[pydicom.Dataset, ...]
     result: dict[str, Any]
 
 
@@ -114,7 +118,11 @@ def study(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancFixture) -> 
     source_uids = tuple(str(ct[i].SOPInstanceUID) for i in np.argsort(z))
     study_uid = str(ct[0].StudyInstanceUID)
 
-    settings = load_settings(node_config(tmp, orthanc))
+    config_path = node_config(tmp, orthanc)
+    config = yaml.safe_load(config_path.read_text())
+    config["outputs"] = {"sc": {"enabled": True, "series_description": KEY_IMAGES_DESCRIPTION}}
+    config_path.write_text(yaml.safe_dump(config))
+    settings = load_settings(config_path)
     processor = UniCTProcessor(settings)
     node = Node(settings, processor, processor.status)
     client = orthanc.server.client
@@ -133,17 +141,19 @@ def study(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancFixture) -> 
         )
     assert job.state.value == "DONE", (job.error_stage, job.error_reason)
     (study_id,) = client.lookup(study_uid, filter="Study")
-    found: dict[str, pydicom.Dataset] = {}
+    found: dict[str, list[pydicom.Dataset]] = {}
     for sid in client.studies.get_series_ids(study_id):
         for iid in client.series.get_instances_ids(sid):
             ds = pydicom.dcmread(io.BytesIO(client.instances.get_file(iid)))
-            found[str(ds.SOPClassUID)] = ds
+            found.setdefault(str(ds.SOPClassUID), []).append(ds)
     assert SEG_STORAGE in found, "the node produced no SEG for this phantom"
+    key_images = sorted(found.get(SECONDARY_CAPTURE, []), key=lambda ds: int(ds.InstanceNumber))
     return Study(
         study_uid,
         source_uids,
-        found[SEG_STORAGE],
-        found[COMPREHENSIVE_3D_SR],
+        found[SEG_STORAGE][0],
+        found[COMPREHENSIVE_3D_SR][0],
+        tuple(key_images),
         job.outputs["result"],
     )
 
@@ -252,6 +262,7 @@ def run_driver(
     *,
     seg_description: str,
     sr_description: str | None,
+    key_image: pydicom.Dataset | None = None,
     source_uid: str,
     prefix: str,
     tmp_path: Path,
@@ -265,6 +276,11 @@ def run_driver(
         "studyUID": study.study_uid,
         "segDescription": seg_description,
         "srDescription": sr_description,
+        "keyImage": (
+            {"description": KEY_IMAGES_DESCRIPTION, "sopInstanceUID": str(key_image.SOPInstanceUID)}
+            if key_image is not None
+            else None
+        ),
         "sourceSOPInstanceUID": source_uid,
         "outDir": str(ARTIFACTS),
         "prefix": prefix,
@@ -350,13 +366,14 @@ def segment_rgb(seg: pydicom.Dataset, segment_index: int) -> tuple[int, int, int
 
 @pytest.fixture(scope="module")
 def seen(viewer: str, study: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One browser session on the node's SEG and SR."""
+    """One browser session on the node's SEG, key images and SR."""
     index, segment, mask = target_slice(study)
     result = run_driver(
         viewer,
         study,
         seg_description=SEG_DESCRIPTION,
         sr_description=SR_DESCRIPTION,
+        key_image=study.key_images[0] if study.key_images else None,
         source_uid=study.source_uids[index],
         prefix="node-seg",
         tmp_path=tmp_path_factory.mktemp("driver"),
@@ -369,7 +386,8 @@ def seen(viewer: str, study: Study, tmp_path_factory: pytest.TempPathFactory) ->
 def test_seg_overlays_the_lesion_in_ohif(seen: dict[str, Any], study: Study) -> None:
     check: OverlayCheck = seen["check"]
     print(f"viewer run {seen['seconds']} s; overlay: {check}; errors: {seen['errors']}")
-    assert not seen["errors"], seen["errors"]
+    seg_steps = ("open SEG", "segmentation panel", "labelmap", "go to slice", "hide SEG")
+    assert not [e for e in seen["errors"] if e.startswith(seg_steps)], seen["errors"]
     label = str(study.seg.SegmentSequence[seen["segment"]].SegmentLabel)
     assert label in seen["labels"], seen["labels"]
     assert check.passed, check
@@ -386,6 +404,21 @@ def test_ohif_puts_every_seg_frame_on_its_source_slice(seen: dict[str, Any], stu
         "ohif": seen.get("labelmap"),
         "seg": expected,
     }
+
+
+def test_key_images_show_the_burned_in_finding_in_ohif(seen: dict[str, Any], study: Study) -> None:
+    """The Secondary Capture series (outputs.sc) opens in OHIF with the finding's colour."""
+    assert study.key_images, "the node wrote no key images"
+    assert not [e for e in seen["errors"] if e.startswith("open key images")], seen["errors"]
+    assert KEY_IMAGES_DESCRIPTION in seen.get("srText", ""), "series not in the study browser"
+    shot = np.asarray(Image.open(seen["screenshots"]["keyImage"]).convert("RGB"), dtype=np.int32)
+    left, top, width, height = (round(v) for v in seen["keyImage"]["canvas"])
+    canvas = shot[top : top + height, left : left + width]
+    rgb = np.array(segment_rgb(study.seg, seen["segment"]))
+    # The outline is drawn in the segment's own colour; the blended fill is near it.
+    outline = int((np.abs(canvas - rgb).sum(axis=-1) <= 24).sum())
+    print(f"key image: {outline} screen pixels in the segment's colour")
+    assert outline >= 50
 
 
 @pytest.mark.xfail(
