@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(128)  # before the ready file: a client may connect as soon as it exists
     port = int(sock.getsockname()[1])
     config = uvicorn.Config(app, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
