@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         help="write the bound port here once listening (for scripts and tests)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not is_loopback(args.host):
         parser.error(f"--host must be a loopback address, got {args.host}")
-    user = os.environ.get(USER_ENV)
-    password = os.environ.get(PASSWORD_ENV)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    user = os.environ.get(USER_ENV) or None
+    password = os.environ.get(PASSWORD_ENV) or None
     try:
         app = create_app(
             args.dist, args.dicomweb, user=user, password=password, app_config=args.app_config
