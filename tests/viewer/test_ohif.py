@@ -210,12 +210,17 @@ def segment_slices(seg: pydicom.Dataset, source_uids: tuple[str, ...]) -> npt.ND
     )
 
 
-def target_slice(study: Study) -> tuple[int, int, npt.NDArray[np.bool_]]:
-    """(slice index, segment index, mask) where the SEG has the most segmented pixels."""
-    pixels = segment_slices(study.seg, study.source_uids)
-    area = pixels.reshape(pixels.shape[0], -1, pixels.shape[-1]).sum(axis=1)
-    index, segment = np.unravel_index(int(area.argmax()), area.shape)
-    return int(index), int(segment), pixels[index, :, :, segment] > 0
+def target_slice(
+    study: Study,
+) -> tuple[int, int, npt.NDArray[np.bool_], list[tuple[int, int, int]]]:
+    """Where the SEG has the most segmented pixels: slice index, its largest segment (index
+    into SegmentSequence), the union of every segment's mask there, and their colours."""
+    pixels = segment_slices(study.seg, study.source_uids) > 0
+    index = int(pixels.any(axis=-1).sum(axis=(1, 2)).argmax())
+    on_slice = pixels[index].sum(axis=(0, 1))
+    segment = int(on_slice.argmax())
+    colours = [segment_rgb(study.seg, k) for k in np.nonzero(on_slice)[0]]
+    return index, segment, pixels[index].any(axis=-1), colours
 
 
 def expected_labelmap(study: Study) -> dict[str, int]:
@@ -311,7 +316,7 @@ class OverlayCheck:
     changed: int  # screen pixels that differ between SEG shown and hidden, in the viewport
     expected: float  # screen pixels the mask covers at the displayed scale
     inside: float  # fraction of the changed pixels that lie on the mask (1-pixel tolerance)
-    colour_match: float  # fraction of the changed pixels nearer the segment's colour than before
+    colour_match: float  # fraction of the changed pixels nearer a segment's colour than before
 
     @property
     def passed(self) -> bool:
@@ -324,7 +329,9 @@ class OverlayCheck:
 
 
 def check_overlay(
-    result: dict[str, Any], mask: npt.NDArray[np.bool_], rgb: tuple[int, int, int]
+    result: dict[str, Any],
+    mask: npt.NDArray[np.bool_],
+    colours: list[tuple[int, int, int]],
 ) -> OverlayCheck:
     """Compare the SEG-shown and SEG-hidden screenshots with the mask of the shown slice."""
     if "mapping" not in result or not {"shown", "hidden"} <= set(result["screenshots"]):
@@ -349,8 +356,12 @@ def check_overlay(
     tolerant = ndimage.binary_dilation(mask, iterations=1)
     inside = np.zeros(len(xs), dtype=bool)
     inside[valid] = tolerant[rows[valid], cols[valid]]
-    colour = np.array(rgb, dtype=np.int32)
-    nearer = np.abs(shown[ys, xs] - colour).sum(-1) < np.abs(hidden[ys, xs] - colour).sum(-1)
+    palette = np.array(colours, dtype=np.int32)  # (segments, 3)
+
+    def distance(pixels: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+        return np.abs(pixels[:, None, :] - palette[None]).sum(-1).min(axis=1)
+
+    nearer = distance(shown[ys, xs]) < distance(hidden[ys, xs])
     return OverlayCheck(len(xs), expected, float(inside.mean()), float(nearer.mean()))
 
 
@@ -367,7 +378,7 @@ def segment_rgb(seg: pydicom.Dataset, segment_index: int) -> tuple[int, int, int
 @pytest.fixture(scope="module")
 def seen(viewer: str, study: Study, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One browser session on the node's SEG, key images and SR."""
-    index, segment, mask = target_slice(study)
+    index, segment, mask, colours = target_slice(study)
     result = run_driver(
         viewer,
         study,
@@ -378,7 +389,7 @@ def seen(viewer: str, study: Study, tmp_path_factory: pytest.TempPathFactory) ->
         prefix="node-seg",
         tmp_path=tmp_path_factory.mktemp("driver"),
     )
-    result["check"] = check_overlay(result, mask, segment_rgb(study.seg, segment))
+    result["check"] = check_overlay(result, mask, colours)
     result["segment"] = segment
     return result
 
@@ -414,10 +425,11 @@ def test_key_images_show_the_burned_in_finding_in_ohif(seen: dict[str, Any], stu
     shot = np.asarray(Image.open(seen["screenshots"]["keyImage"]).convert("RGB"), dtype=np.int32)
     left, top, width, height = (round(v) for v in seen["keyImage"]["canvas"])
     canvas = shot[top : top + height, left : left + width]
-    rgb = np.array(segment_rgb(study.seg, seen["segment"]))
-    # The outline is drawn in the segment's own colour; the blended fill is near it.
-    outline = int((np.abs(canvas - rgb).sum(axis=-1) <= 24).sum())
-    print(f"key image: {outline} screen pixels in the segment's colour")
+    palette = np.array([segment_rgb(study.seg, k) for k in range(len(study.seg.SegmentSequence))])
+    # Outlines are drawn in the segments' own colours (so is the legend's swatch).
+    distance = np.abs(canvas[:, :, None, :] - palette[None, None]).sum(axis=-1).min(axis=-1)
+    outline = int((distance <= 24).sum())
+    print(f"key image: {outline} screen pixels in a segment's colour")
     assert outline >= 50
 
 
@@ -441,7 +453,7 @@ def test_sr_shows_findings_and_report_in_ohif(seen: dict[str, Any], study: Study
 def test_broken_seg_fails_the_same_check(
     viewer: str, study: Study, orthanc: OrthancFixture, tmp_path: Path
 ) -> None:
-    index, segment, mask = target_slice(study)
+    index, _, mask, colours = target_slice(study)
     broken = break_seg(study.seg, study.source_uids)
     buffer = io.BytesIO()
     broken.save_as(buffer, enforce_file_format=True)
@@ -455,7 +467,7 @@ def test_broken_seg_fails_the_same_check(
         prefix="broken-seg",
         tmp_path=tmp_path,
     )
-    check = check_overlay(result, mask, segment_rgb(study.seg, segment))
+    check = check_overlay(result, mask, colours)
     print(
         f"viewer run {result['seconds']} s; broken SEG overlay: {check}; errors: {result['errors']}"
     )
