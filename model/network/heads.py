@@ -10,6 +10,11 @@ from torch import Tensor, nn
 from model.network.attention import TransformerBlock, sinusoidal_positions
 from model.network.fusion import FiLM
 
+#: Initial bias of the segmentation logits, about log(0.0015): a finding fills 1e-4 to 1e-3
+#: of a volume, and Adam moves a bias by about the learning rate per step, so starting at 0
+#: costs thousands of steps spent only on pushing the background down.
+FOREGROUND_PRIOR_LOGIT = -6.5
+
 
 class ClassificationHead(nn.Module):
     """Linear - ReLU - Dropout(0.5) - Linear: one logit per abnormality."""
@@ -68,6 +73,9 @@ class SegmentationDecoder(nn.Module):
         self.up1 = UpStage(c2, c1, c1, dim, modulation)
         self.up0 = UpStage(c1, c0, c0, dim, modulation)
         self.out = nn.Conv2d(c0, 3 * num_labels, kernel_size=1)
+        # Start from the foreground prior rather than 50% (see FOREGROUND_PRIOR_LOGIT).
+        assert self.out.bias is not None
+        nn.init.constant_(self.out.bias, FOREGROUND_PRIOR_LOGIT)
 
     def forward(
         self,
@@ -75,9 +83,28 @@ class SegmentationDecoder(nn.Module):
         slice_tokens: Tensor,
         seg_token: Tensor,
         out_size: tuple[int, int] | None,
+        triplets: Tensor | None = None,
     ) -> Tensor:
         """Logits ``(B, L, D, h, w)``: at ``out_size`` in-plane, or at half the input
-        resolution (the decoder's native output, cheaper to train on) when ``None``."""
+        resolution (the decoder's native output, cheaper to train on) when ``None``.
+
+        ``triplets`` ``(B, K)`` decodes only those triplets of each volume (training: the
+        dense loss on a sample of triplets, as patch-based trainers do); ``D`` is then
+        ``3 K`` in that order.
+        """
+        if triplets is not None:
+            b, t, _ = slice_tokens.shape
+            flat = (triplets + torch.arange(b, device=triplets.device)[:, None] * t).flatten()
+            skips = (
+                skips[0][flat],
+                skips[1][flat],
+                skips[2][flat],
+                skips[3][flat],
+                skips[4][flat],
+            )
+            slice_tokens = torch.gather(
+                slice_tokens, 1, triplets[:, :, None].expand(-1, -1, slice_tokens.shape[2])
+            )
         stem, l1, l2, l3, l4 = skips
         b, t, _ = slice_tokens.shape
         x = l4 + self.token_to_map(slice_tokens).reshape(b * t, -1)[:, :, None, None]

@@ -79,14 +79,21 @@ class UniCT(nn.Module):
         return flat.topk(min(k, flat.shape[-1]), dim=-1).values.mean(dim=-1)
 
     def forward(
-        self, volume: Tensor, full_resolution_seg: bool = True, with_segmentation: bool = True
+        self,
+        volume: Tensor,
+        full_resolution_seg: bool = True,
+        with_segmentation: bool = True,
+        findings: Tensor | None = None,
+        seg_triplets: Tensor | None = None,
     ) -> UniCTOutput:
         """Run the visual path on ``(B, D, H, W)`` (or ``(B, 1, D, H, W)``) preprocessed volumes.
 
         With ``full_resolution_seg=False`` the segmentation logits stay at half the in-plane
         resolution (what training uses; targets are pooled to match). With
         ``with_segmentation=False`` the dense path is skipped and ``seg_logits`` is empty
-        (training without segmentation supervision).
+        (training without segmentation supervision). ``findings`` ``(B, L)`` replaces the
+        predicted probabilities that condition the report (training feeds the truth for part
+        of the batches, so the decoder learns to state what the findings token says).
         """
         if volume.dim() == 5:
             volume = volume[:, 0]
@@ -97,14 +104,23 @@ class UniCT(nn.Module):
         cls_logits = self.classifier(t_cls)
         if with_segmentation:
             out_size = (volume.shape[2], volume.shape[3]) if full_resolution_seg else None
-            seg_logits = self.segmenter(enc.skips, enc.slice_tokens, t_seg, out_size)
-            evidence = self.segmentation_evidence(seg_logits, full_resolution_seg)
-            cls_logits = cls_logits + self.seg_evidence_scale * evidence + self.seg_evidence_bias
+            seg_logits = self.segmenter(enc.skips, enc.slice_tokens, t_seg, out_size, seg_triplets)
+            if self.cfg.ablation.segmentation_supervision:
+                # Without segmentation supervision the decoder's output means nothing, so the
+                # classifier does not read it (the classification-only ablation).
+                evidence = self.segmentation_evidence(seg_logits, full_resolution_seg)
+                cls_logits = (
+                    cls_logits + self.seg_evidence_scale * evidence + self.seg_evidence_bias
+                )
         else:
             seg_logits = volume.new_zeros((volume.shape[0], self.cfg.num_labels, 0, 0, 0))
-        findings = self.findings_token(torch.sigmoid(cls_logits))
+        # The report states the classifier's findings; it does not train the classifier
+        # through this token (its gradient reaches the encoder through the other tokens).
+        if findings is None:
+            findings = torch.sigmoid(cls_logits).detach()
+        findings_token = self.findings_token(findings.to(cls_logits.dtype))
         memory = torch.cat(
-            [t_rep[:, None], t_cls[:, None], findings[:, None], enc.slice_tokens], dim=1
+            [t_rep[:, None], t_cls[:, None], findings_token[:, None], enc.slice_tokens], dim=1
         )
         return UniCTOutput(cls_logits, seg_logits, attention, memory)
 

@@ -134,3 +134,53 @@ def test_config_validation_and_round_trip() -> None:
         get_config("medium")
     cfg = SMALL.with_ablation(fusion=False)
     assert UniCTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_segmenting_a_sample_of_triplets_matches_the_full_decode() -> None:
+    """``seg_triplets`` decodes exactly the chosen triplets' slices of the full output."""
+    torch.manual_seed(0)
+    model = UniCT(tiny(SMALL), VOCAB).eval()
+    volume = torch.randn(2, 12, 64, 64)
+    chosen = torch.tensor([[0, 2], [1, 3]])
+    with torch.no_grad():
+        full = model(volume, full_resolution_seg=False).seg_logits
+        part = model(volume, full_resolution_seg=False, seg_triplets=chosen).seg_logits
+    assert part.shape == (2, 10, 6, 32, 32)
+    for b in range(2):
+        slices = torch.cat([torch.arange(3 * t, 3 * t + 3) for t in chosen[b].tolist()])
+        assert torch.allclose(part[b], full[b][:, slices], atol=1e-5)
+
+
+def test_segmentation_starts_at_the_foreground_prior() -> None:
+    from model.network.heads import FOREGROUND_PRIOR_LOGIT
+
+    model = UniCT(tiny(SMALL), VOCAB)
+    assert model.segmenter.out.bias is not None
+    assert torch.all(model.segmenter.out.bias == FOREGROUND_PRIOR_LOGIT)
+
+
+def test_report_memory_follows_the_given_findings() -> None:
+    """The findings token carries what ``findings`` says; classification is untouched."""
+    torch.manual_seed(0)
+    model = UniCT(tiny(SMALL), VOCAB).eval()
+    volume = torch.randn(1, 12, 64, 64)
+    with torch.no_grad():
+        none = model(volume, findings=torch.zeros(1, 10))
+        every = model(volume, findings=torch.ones(1, 10))
+    assert torch.equal(none.cls_logits, every.cls_logits)
+    assert not torch.allclose(none.memory[:, 2], every.memory[:, 2])
+    assert torch.equal(none.memory[:, 3:], every.memory[:, 3:])
+
+
+def test_classification_reads_segmentation_only_when_it_is_supervised() -> None:
+    torch.manual_seed(0)
+    volume = torch.randn(1, 12, 64, 64)
+    for supervised in (True, False):
+        cfg = tiny(SMALL).with_ablation(segmentation_supervision=supervised)
+        model = UniCT(cfg, VOCAB).eval()
+        with torch.no_grad():
+            before = model(volume).cls_logits
+            assert model.segmenter.out.bias is not None
+            model.segmenter.out.bias += 3.0
+            after = model(volume).cls_logits
+        assert torch.allclose(before, after) is not supervised

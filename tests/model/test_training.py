@@ -102,3 +102,54 @@ def test_threshold_tuning_separates_classes() -> None:
     thr = tune_thresholds(probs, present)
     assert 0.3 < thr[0] <= 0.7
     assert thr[1] == 0.5
+
+
+def test_triplet_sampling_keeps_findings_and_empty_lung() -> None:
+    from model.training.train import gather_triplets, sample_triplets
+
+    masks = torch.zeros(2, 10, 24, 8, 8)
+    masks[0, 3, 9:12, 2, 2] = 1  # triplet 3 of the first volume
+    masks[1, 0, 21, 0, 0] = 1  # triplet 7 of the second
+    chosen = sample_triplets(masks, 4, np.random.default_rng(0))
+    assert chosen.shape == (2, 4)
+    assert 3 in chosen[0].tolist() and 7 in chosen[1].tolist()
+    for row in chosen.tolist():
+        assert row == sorted(set(row))
+    picked = gather_triplets(masks, chosen)
+    assert picked.shape == (2, 10, 12, 8, 8)
+    assert float(picked.sum()) == float(masks.sum())
+
+
+def test_initial_biases_start_at_the_prior() -> None:
+    from model.training.train import calibrate_initial_biases
+
+    class Cases:
+        def __init__(self) -> None:
+            rng = np.random.default_rng(0)
+            present = np.zeros((8, 10), dtype=bool)
+            present[:2, 0] = True  # 25% prevalence for the first abnormality
+            self.items = [{"present": p} for p in present]
+            self.images = [
+                torch.from_numpy(rng.normal(-0.3, 0.05, (12, 64, 64)).astype(np.float32))
+                for _ in range(8)
+            ]
+
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": self.images[i]}
+
+    torch.manual_seed(0)
+    model = UniCT(tiny_config(), 20)
+    cases = Cases()
+    calibrate_initial_biases(model, cases)  # type: ignore[arg-type]
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.stack([cases[i]["image"] for i in range(4)]))
+    head = model.classifier.net[-1]
+    assert isinstance(head, torch.nn.Linear)
+    assert float(head.bias[0].detach()) == pytest.approx(np.log(0.25 / 0.75), abs=1e-5)
+    probs = torch.sigmoid(out.cls_logits)
+    # Not the 0.0015 of an uncalibrated evidence offset: close to the prior.
+    assert float(probs[:, 0].mean()) == pytest.approx(0.25, abs=0.1)
