@@ -20,6 +20,9 @@ class LossWeights:
     report: float = 1.0
     seg_pos_weight: float = 1.0
     """Weight of foreground voxels in the segmentation BCE (small findings are rare voxels)."""
+    seg_class_weights: tuple[float, ...] = ()
+    """Per-abnormality factor on the foreground weight and on the Dice term (label order;
+    empty: all 1), for the findings that are small, faint or like normal anatomy."""
 
     def under(self, ablation: AblationConfig) -> LossWeights:
         """Zero the weight of every task whose supervision the ablation removes."""
@@ -28,11 +31,15 @@ class LossWeights:
             self.segmentation if ablation.segmentation_supervision else 0.0,
             self.report if ablation.report_supervision else 0.0,
             self.seg_pos_weight,
+            self.seg_class_weights,
         )
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
-    """1 - soft Dice per (case, class), averaged over the pairs where the target is non-empty.
+def soft_dice_loss(
+    logits: Tensor, target: Tensor, eps: float = 1.0, class_weights: Tensor | None = None
+) -> Tensor:
+    """1 - soft Dice per (case, class), averaged over the pairs where the target is non-empty
+    (weighted by ``class_weights`` (L,) when given).
 
     Empty targets are left to the BCE term (a Dice of an empty mask is undefined).
     """
@@ -44,7 +51,10 @@ def soft_dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     present = tgt.sum(-1) > 0
     if not bool(present.any()):
         return logits.sum() * 0.0
-    return (1.0 - dice[present]).mean()
+    if class_weights is None:
+        return (1.0 - dice[present]).mean()
+    w = class_weights.to(dice.dtype)[None].expand_as(dice)[present]
+    return ((1.0 - dice[present]) * w).sum() / w.sum()
 
 
 def report_loss(logits: Tensor, tokens: Tensor, pad_id: int) -> Tensor:
@@ -71,11 +81,18 @@ def multitask_loss(
         parts["cls"] = F.binary_cross_entropy_with_logits(cls_logits.float(), present)
         total = total + weights.classification * parts["cls"]
     if weights.segmentation:
+        class_weights = (
+            torch.tensor(weights.seg_class_weights, device=seg_logits.device)
+            if weights.seg_class_weights
+            else None
+        )
         pos_weight = torch.tensor(weights.seg_pos_weight, device=seg_logits.device)
+        if class_weights is not None:
+            pos_weight = pos_weight * class_weights[:, None, None, None]
         parts["seg_bce"] = F.binary_cross_entropy_with_logits(
             seg_logits.float(), masks, pos_weight=pos_weight
         )
-        parts["seg_dice"] = soft_dice_loss(seg_logits, masks)
+        parts["seg_dice"] = soft_dice_loss(seg_logits, masks, class_weights=class_weights)
         total = total + weights.segmentation * (parts["seg_bce"] + parts["seg_dice"])
     if weights.report and rep_logits is not None:
         parts["rep"] = report_loss(rep_logits, tokens, pad_id)

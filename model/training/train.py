@@ -29,6 +29,7 @@ from tqdm import tqdm
 from model.bundle import CARD_FILE, sha256_of
 from model.card import ModelCard, default_labels
 from model.config import UniCTConfig, get_config
+from model.labels import LABEL_KEYS
 from model.network import UniCT
 from model.tokenizer import Tokenizer
 from model.training.data import CaseDataset, build_cache
@@ -55,6 +56,21 @@ def parse_seed_range(text: str) -> range:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:COUNT, got {text!r}") from None
     return range(start, start + count)
+
+
+def parse_class_weights(text: str) -> tuple[float, ...]:
+    """``"1,1,2,..."`` -> one positive factor per abnormality."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if len(values) != len(LABEL_KEYS) or min(values) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected {len(LABEL_KEYS)} positive factors (label order: {', '.join(LABEL_KEYS)})"
+        )
+    return values
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +120,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="share of batches whose report is conditioned on the true findings rather than "
         "the predicted ones",
+    )
+    parser.add_argument(
+        "--seg-class-weights",
+        type=parse_class_weights,
+        default=(),
+        help="comma-separated factors, one per abnormality in label order, on the "
+        "segmentation foreground weight and Dice term (default: all 1)",
     )
     parser.add_argument(
         "--seg-triplets",
@@ -264,7 +287,11 @@ def train(args: argparse.Namespace) -> TrainResult:
         optimiser, lambda s: _lr_at(s, args.steps, args.warmup)
     )
     weights = LossWeights(
-        args.lambda_cls, args.lambda_seg, args.lambda_rep, args.seg_pos_weight
+        args.lambda_cls,
+        args.lambda_seg,
+        args.lambda_rep,
+        args.seg_pos_weight,
+        args.seg_class_weights,
     ).under(cfg.ablation)
     step = 0
     last = run_dir / "last.pt"

@@ -153,3 +153,26 @@ def test_initial_biases_start_at_the_prior() -> None:
     probs = torch.sigmoid(out.cls_logits)
     # Not the 0.0015 of an uncalibrated evidence offset: close to the prior.
     assert float(probs[:, 0].mean()) == pytest.approx(0.25, abs=0.1)
+
+
+def test_class_weights_steer_the_segmentation_loss() -> None:
+    logits = torch.full((1, 2, 2, 4, 4), -5.0)
+    target = torch.zeros(1, 2, 2, 4, 4)
+    target[0, :, 0, 0, 0] = 1
+    logits[0, 0, 0, 0, 0] = 5.0  # class 0 found, class 1 missed
+    plain = float(soft_dice_loss(logits, target))
+    heavy_missed = float(soft_dice_loss(logits, target, class_weights=torch.tensor([1.0, 3.0])))
+    assert heavy_missed > plain
+    assert float(soft_dice_loss(logits, target, class_weights=torch.ones(2))) == pytest.approx(
+        plain
+    )
+
+
+def test_class_weights_argument_names_the_label_order() -> None:
+    import argparse
+
+    from model.training.train import parse_class_weights
+
+    assert parse_class_weights("1,1,1,1,4,4,1,4,4,1")[4] == 4.0
+    with pytest.raises(argparse.ArgumentTypeError, match="label order"):
+        parse_class_weights("1,2")
