@@ -89,6 +89,7 @@ def orthanc_server(
     modalities: Mapping[str, tuple[str, str, int]],
     aet: str = "ORTHANC",
     timeout: float = 20.0,
+    tcp_nodelay: bool = True,
 ) -> Iterator[OrthancServer]:
     """Run Orthanc until the block ends.
 
@@ -102,6 +103,9 @@ def orthanc_server(
         ``DicomModalities``: name -> (AE title, host, port), e.g. our node.
     aet
         Orthanc's own AE title.
+    tcp_nodelay
+        Run with ``TCP_NODELAY=1`` (DCMTK's fast setting, as tests want); ``False`` leaves
+        the variable unset, as Orthanc runs by default (benchmarks).
     """
     if not ORTHANC_BINARY.exists():
         pytest.skip(f"{ORTHANC_BINARY} not installed")
@@ -139,7 +143,10 @@ def orthanc_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
-            env={**os.environ, "TCP_NODELAY": "1"},
+            env={
+                **{k: v for k, v in os.environ.items() if k != "TCP_NODELAY"},
+                **({"TCP_NODELAY": "1"} if tcp_nodelay else {}),
+            },
         )
     url = f"http://127.0.0.1:{http_port}"
     try:
