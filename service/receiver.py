@@ -270,6 +270,9 @@ class Receiver:
         if not self.dicom.allow_any_caller:
             ae.require_calling_aet = list(self.dicom.allowed_callers)
         ae.maximum_associations = self.dicom.max_associations
+        # The ARTIM wait for an A-ASSOCIATE-RQ (PS3.8 §9.1.5); a connection closed before
+        # sending one keeps its slot until it runs out.
+        ae.acse_timeout = self.dicom.acse_timeout_s
         ae.maximum_pdu_size = self.dicom.max_pdu
         return ae
 

@@ -298,6 +298,7 @@ def send_raw(
     *,
     calling: str = CALLING_AE,
     syntax: str = ExplicitVRLittleEndian,
+    timeout: float = 60,
 ) -> list[int]:
     """C-STORE encoded datasets as they are, even malformed or cut short.
 
@@ -308,7 +309,7 @@ def send_raw(
     from pynetdicom.dimse_primitives import C_STORE
 
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(CTImageStorage, [syntax])
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
     assert assoc.is_established, "association refused"
