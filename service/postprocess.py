@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import pdist
+from scipy.spatial.distance import pdist, squareform
 
 from engines.base import InferenceResult
 from model.card import ModelCard
@@ -36,6 +36,27 @@ _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 _IN_PLANE_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
 # Voxels whose centre is this close (mm) to the body midline count as midline.
 _MIDLINE_MM = 5.0
+
+
+@dataclass(frozen=True)
+class LongAxis:
+    """Where a lesion's longest in-plane diameter lies, as a reader would draw it.
+
+    Attributes
+    ----------
+    slice_index
+        Source slice (index along the stack) of the cross-section with the longest
+        diameter: the lesion's key slice.
+    start, end
+        End points as continuous ``(row, column)`` source pixel indices (pixel centres
+        are integers). They are the two farthest pixel centres, each moved outwards
+        along the line by a quarter of the mean pixel spacing, so that the segment is
+        as long as :attr:`LesionMeasurement.longest_axial_diameter_mm`.
+    """
+
+    slice_index: int
+    start: tuple[float, float]
+    end: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -62,6 +83,8 @@ class LesionMeasurement:
         First and last source slice index (inclusive) the lesion occupies.
     laterality
         Side of the patient, from the centroid's x relative to the body midline.
+    long_axis
+        Key slice and end points of ``longest_axial_diameter_mm``.
     """
 
     label_index: int
@@ -72,6 +95,7 @@ class LesionMeasurement:
     centroid_lps: tuple[float, float, float]
     slice_range: tuple[int, int]
     laterality: Laterality
+    long_axis: LongAxis
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,24 +238,40 @@ def _probability_on_source(
 
 def _feret_diameter_mm(
     plane_mask: BoolArray, row_step: npt.NDArray[np.float64], col_step: npt.NDArray[np.float64]
-) -> float:
+) -> tuple[float, tuple[float, float], tuple[float, float]]:
     """Longest diameter (mm) of one 2D mask: largest centre-to-centre distance plus a pixel.
 
     Pixel centres underestimate an object's extent by up to a pixel and pixel corners
     overestimate it by up to a diagonal; adding one pixel to the centre distance is
     unbiased and gives a one-pixel lesion the size of a pixel.
+
+    Returns the diameter and its end points (continuous ``(row, column)`` indices): the
+    two farthest pixel centres, each moved outwards by half the added pixel.
     """
     rows, cols = np.nonzero(plane_mask)
     if rows.size == 0:
-        return 0.0
+        return 0.0, (0.0, 0.0), (0.0, 0.0)
     row_mm, col_mm = float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))
     # Image axes are orthogonal (checked on load), so 2D coordinates in mm suffice.
     flat = np.stack([rows * row_mm, cols * col_mm], axis=1)
     if len(flat) > 64:
         with contextlib.suppress(QhullError):  # collinear pixels: keep them all
             flat = flat[ConvexHull(flat).vertices]
-    longest = float(pdist(flat).max()) if len(flat) > 1 else 0.0
-    return longest + (row_mm + col_mm) / 2.0
+    pixel_mm = (row_mm + col_mm) / 2.0
+    a = b = flat[0]
+    if len(flat) > 1:
+        i, j = np.unravel_index(int(np.argmax(squareform(pdist(flat)))), (len(flat), len(flat)))
+        a, b = flat[i], flat[j]
+    longest = float(np.linalg.norm(b - a))
+    # A one-pixel lesion has no direction: draw it along the rows.
+    direction = (b - a) / longest if longest > 0 else np.array([0.0, 1.0])
+    start = (a - direction * pixel_mm / 2.0) / (row_mm, col_mm)
+    end = (b + direction * pixel_mm / 2.0) / (row_mm, col_mm)
+    return (
+        longest + pixel_mm,
+        (float(start[0]), float(start[1])),
+        (float(end[0]), float(end[1])),
+    )
 
 
 def _midline_x(volume: SourceVolume) -> float:
@@ -270,14 +310,24 @@ def _lesions(
     kept_mask = np.isin(labels, keep) if len(keep) < count else box_mask
     objects = ndimage.find_objects(labels)
     row_step, col_step = volume.affine_lps[:3, 1], volume.affine_lps[:3, 2]
-    measured: list[tuple[int, int, float, tuple[float, float, float], tuple[int, int]]] = []
+    measured: list[
+        tuple[int, int, float, tuple[float, float, float], tuple[int, int], LongAxis]
+    ] = []
     for label in keep:
         bbox = objects[label - 1]
         if bbox is None:
             continue
         component = labels[bbox] == label
         edge = component & ~ndimage.binary_erosion(component, structure=_IN_PLANE_CROSS)
-        diameter = max(_feret_diameter_mm(plane, row_step, col_step) for plane in edge)
+        planes = [_feret_diameter_mm(plane, row_step, col_step) for plane in edge]
+        key = max(range(len(planes)), key=lambda k: planes[k][0])
+        diameter, start, end = planes[key]
+        shift = (bbox[1].start + origin[1], bbox[2].start + origin[2])
+        long_axis = LongAxis(
+            slice_index=int(bbox[0].start + origin[0] + key),
+            start=(start[0] + shift[0], start[1] + shift[1]),
+            end=(end[0] + shift[0], end[1] + shift[1]),
+        )
         local = np.array(ndimage.center_of_mass(component))
         centre = local + np.array([s.start for s in bbox]) + np.array(origin)
         centroid = (volume.affine_lps @ np.array([*centre, 1.0]))[:3]
@@ -289,6 +339,7 @@ def _lesions(
                 diameter,
                 (float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 (int(first), int(first + component.shape[0] - 1)),
+                long_axis,
             )
         )
     measured.sort(key=lambda m: -m[1])
@@ -302,8 +353,11 @@ def _lesions(
             centroid_lps=centroid,
             slice_range=slices,
             laterality=_laterality(centroid[0], midline),
+            long_axis=long_axis,
         )
-        for number, (_, voxels, diameter, centroid, slices) in enumerate(measured, start=1)
+        for number, (_, voxels, diameter, centroid, slices, long_axis) in enumerate(
+            measured, start=1
+        )
     )
     return kept_mask, lesions
 

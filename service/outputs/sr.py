@@ -5,20 +5,29 @@ Content tree (PS3.16 TID 1500):
 - observation context: the model as a device observer (TID 1004: UID, name,
   manufacturer, model = version), as the IHE AI Results profile asks;
 - procedure reported: CT chest;
-- imaging measurements:
+- imaging measurements (row 6), two measurement groups per lesion that share one
+  tracking identifier and tracking UID (the same lesion, tracked in both):
 
-  - for each of the card's abnormalities, one TID 1501 measurement group, tracking
-    identifier = abnormality name, qualitative evaluation (card concept) = Present
-    (SCT 52101004) or Absent (SCT 2667000), numeric measurements Probability
-    (DCM 122157) and Threshold Value (DCM 122411), unit ``1``;
-  - for each lesion, one TID 1411 volumetric ROI group referencing its SEG segment
-    (and the source series), with finding = card concept, finding site lung with
-    laterality, Volume (mL) and Long axis (mm, longest in-plane diameter);
+  - TID 1410 planar ROI on the lesion's key slice: its region an SCOORD POLYLINE of
+    the longest in-plane diameter on that CT instance, finding = card concept,
+    finding site lung with laterality, Long axis (mm) of that line;
+  - TID 1411 volumetric ROI referencing the SEG segment (and the source series),
+    same finding and site, Volume (mL) and Long axis (mm);
 
-- qualitative evaluations (TID 1500 row 12, UMLS C0034375): the generated report as
-  TEXT Findings (DCM 121070, row 14) and the clinical-use statement as a Comment.
-  highdicom's :class:`~highdicom.sr.MeasurementReport` does not build row 12, so the
-  container is added to its root with highdicom content items.
+- qualitative evaluations (row 12, UMLS C0034375) of the whole study: for each of
+  the card's abnormalities a CODE (row 13) card concept = Present (SCT 52101004) or
+  Absent (SCT 2667000), with properties TEXT Finding (DCM 121071) = the card's name,
+  Probability (DCM 122157) and Threshold Value (DCM 122411), unit ``1``; the generated report as TEXT Findings (DCM 121070,
+  row 14) and the clinical-use statement as TEXT Comment.
+
+Why not one TID 1501 group per abnormality under imaging measurements: OHIF (3.13)
+turns every measurement group into an annotation and fails to open a report with
+a group that has no image coordinates; study-level statements are what row 12 is
+for, and OHIF ignores that container. The planar groups are what OHIF draws; the
+shared tracking UID makes it show the volumetric group's values on the same line.
+highdicom's :class:`~highdicom.sr.MeasurementReport` builds neither row 12 nor a
+report without measurement groups, so those parts are made of highdicom content
+items here.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import logging
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -33,7 +43,7 @@ from pydicom.uid import generate_uid
 from model.card import ModelCard
 from service.outputs.charset import output_character_set
 from service.outputs.seg import coded, contributing_equipment, segmented_findings
-from service.postprocess import AnalysisResult, FindingResult, LesionMeasurement
+from service.postprocess import AnalysisResult, FindingResult, LesionMeasurement, LongAxis
 from service.volume import SourceVolume
 
 logger = logging.getLogger(__name__)
@@ -51,7 +61,10 @@ MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 MILLIMETRE = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 FINDINGS = codes.DCM.Findings
+FINDING = codes.DCM.Finding
 COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
+#: What highdicom's MeasurementReport writes when no language is given (TID 1204).
+DEFAULT_LANGUAGE = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 _LATERALITY = {"left": codes.SCT.Left, "right": codes.SCT.Right}
 
 
@@ -87,30 +100,71 @@ def _algorithm(card: ModelCard) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _finding_group(
-    finding: FindingResult, card: ModelCard
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: present/absent, probability and threshold of one abnormality."""
-    concept = coded(finding.abnormality.concept)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=finding.abnormality.name
-        ),
-        algorithm_id=_algorithm(card),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung)],
-        measurements=[
-            hd.sr.Measurement(name=PROBABILITY, value=round(finding.probability, 6), unit=NO_UNITS),
-            hd.sr.Measurement(name=THRESHOLD, value=round(finding.threshold, 6), unit=NO_UNITS),
-        ],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if finding.present else ABSENT)
-        ],
+def _finding_sites(lesion: LesionMeasurement) -> list[hd.sr.FindingSite]:
+    return [
+        hd.sr.FindingSite(
+            anatomic_location=codes.SCT.Lung, laterality=_LATERALITY.get(lesion.laterality)
+        )
+    ]
+
+
+def _tracking(
+    finding: FindingResult, lesion: LesionMeasurement, uid: str
+) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=uid, identifier=f"{finding.abnormality.name} lesion {lesion.lesion_number}"
     )
 
 
-def _lesion_group(
+def _long_axis_region(axis: LongAxis, volume: SourceVolume) -> hd.sr.ImageRegion:
+    """SCOORD POLYLINE of the long axis on its key slice (PS3.3 C.18.6.1.2).
+
+    Image coordinates are ``(column, row)`` with ``(0, 0)`` the top left corner of the
+    top left pixel, so a pixel centre (index ``i``) is at ``i + 0.5``.
+    """
+    source = volume.datasets[axis.slice_index]
+    points = np.array(
+        [[axis.start[1] + 0.5, axis.start[0] + 0.5], [axis.end[1] + 0.5, axis.end[0] + 0.5]]
+    )
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+
+
+def _long_axis(lesion: LesionMeasurement) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=LONG_AXIS, value=round(lesion.longest_axial_diameter_mm, 2), unit=MILLIMETRE
+    )
+
+
+def _planar_group(
     finding: FindingResult,
     lesion: LesionMeasurement,
+    tracking_uid: str,
+    volume: SourceVolume,
+    card: ModelCard,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: one lesion's long axis, drawn on its key slice."""
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding, lesion, tracking_uid),
+        referenced_region=_long_axis_region(lesion.long_axis, volume),
+        finding_type=coded(finding.abnormality.concept),
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_id=_algorithm(card),
+        finding_sites=_finding_sites(lesion),
+        measurements=[_long_axis(lesion)],
+    )
+
+
+def _volumetric_group(
+    finding: FindingResult,
+    lesion: LesionMeasurement,
+    tracking_uid: str,
     seg: Dataset,
     segment_number: int,
     volume: SourceVolume,
@@ -123,11 +177,8 @@ def _lesion_group(
     Number, PS3.3 Table 10-3), so the tracking identifier names the lesion and the
     measurements are of that lesion, a connected component of the segment.
     """
-    laterality = _LATERALITY.get(lesion.laterality)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{finding.abnormality.name} lesion {lesion.lesion_number}"
-        ),
+        tracking_identifier=_tracking(finding, lesion, tracking_uid),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
@@ -137,12 +188,10 @@ def _lesion_group(
         finding_type=coded(finding.abnormality.concept),
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=_algorithm(card),
-        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.SCT.Lung, laterality=laterality)],
+        finding_sites=_finding_sites(lesion),
         measurements=[
             hd.sr.Measurement(name=VOLUME, value=round(lesion.volume_ml, 4), unit=MILLILITRE),
-            hd.sr.Measurement(
-                name=LONG_AXIS, value=round(lesion.longest_axial_diameter_mm, 2), unit=MILLIMETRE
-            ),
+            _long_axis(lesion),
         ],
     )
 
@@ -161,12 +210,44 @@ def _segment_numbers(seg: Dataset, analysis: AnalysisResult) -> dict[int, int]:
     return numbers
 
 
-def _narrative(analysis: AnalysisResult, card: ModelCard) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 container with the report text (row 14) and the use statement."""
+def _evaluation(finding: FindingResult) -> hd.sr.CodeContentItem:
+    """TID 1500 row 13: one abnormality Present or Absent, with its probability and threshold."""
+    item = hd.sr.CodeContentItem(
+        name=coded(finding.abnormality.concept),
+        value=PRESENT if finding.present else ABSENT,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    # The card's name says more than some concepts do ("Bronchial wall thickening" is
+    # coded as the bronchial structure), so it goes with them, as the Finding.
+    properties: list[hd.sr.ContentItem] = [
+        hd.sr.TextContentItem(
+            name=FINDING,
+            value=finding.abnormality.name,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+        )
+    ]
+    properties.extend(
+        hd.sr.NumContentItem(
+            name=name,
+            value=round(value, 6),
+            unit=NO_UNITS,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+        )
+        for name, value in ((PROBABILITY, finding.probability), (THRESHOLD, finding.threshold))
+    )
+    item.ContentSequence = hd.sr.ContentSequence(properties)
+    return item
+
+
+def _qualitative_evaluations(
+    analysis: AnalysisResult, card: ModelCard
+) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 12: every abnormality (row 13), the report text and the use statement
+    (row 14)."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items = []
+    items: list[hd.sr.ContentItem] = [_evaluation(f) for f in analysis.findings]
     if analysis.report_text.strip():
         items.append(
             hd.sr.TextContentItem(
@@ -184,6 +265,39 @@ def _narrative(analysis: AnalysisResult, card: ModelCard) -> hd.sr.ContainerCont
     )
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+def _report_root(
+    groups: list[
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ],
+    card: ModelCard,
+) -> Dataset:
+    """TID 1500 rows 1-8; without groups, no Imaging Measurements container (row 6 is
+    required only when no qualitative evaluations follow) and no highdicom template."""
+    if groups:
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(card),
+            procedure_reported=PROCEDURE_CT_CHEST,
+            imaging_measurements=groups,
+        )
+        return report[0]
+    root = hd.sr.ContainerContentItem(
+        name=codes.cid7021.ImagingMeasurementReport, template_id="1500"
+    )
+    root.ContentSequence = hd.sr.ContentSequence(
+        [
+            *hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
+            *_observation_context(card),
+            hd.sr.CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=PROCEDURE_CT_CHEST,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            ),
+        ]
+    )
+    return root
 
 
 def build_sr(
@@ -230,31 +344,26 @@ def build_sr(
     """
     numbers = _segment_numbers(seg, analysis) if seg is not None else {}
     groups: list[
-        hd.sr.MeasurementsAndQualitativeEvaluations
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
         | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-    ] = [_finding_group(f, card) for f in analysis.findings]
-    if seg is not None:
-        for finding in analysis.findings:
-            number = numbers.get(finding.index)
-            if number is None:
-                continue
-            groups.extend(
-                _lesion_group(finding, lesion, seg, number, volume, card)
-                for lesion in finding.lesions
-            )
-
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(card),
-        procedure_reported=PROCEDURE_CT_CHEST,
-        imaging_measurements=groups,
-    )
-    report[0].ContentSequence.append(_narrative(analysis, card))
+    ] = []
+    for finding in analysis.findings:
+        number = numbers.get(finding.index)
+        for lesion in finding.lesions:
+            tracking_uid = hd.UID()
+            groups.append(_planar_group(finding, lesion, tracking_uid, volume, card))
+            if seg is not None and number is not None:
+                groups.append(
+                    _volumetric_group(finding, lesion, tracking_uid, seg, number, volume, card)
+                )
+    root = _report_root(groups, card)
+    root.ContentSequence.append(_qualitative_evaluations(analysis, card))
 
     evidence: list[Dataset] = [*volume.datasets, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         specific_character_set=output_character_set(volume.datasets[0]),
-        content=report[0],
+        content=root,
         series_instance_uid=series_instance_uid or hd.UID(),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or hd.UID(),
@@ -273,10 +382,10 @@ def build_sr(
         ],
     )
     logger.info(
-        "built SR %s: %d finding group(s), %d lesion group(s) for series %s",
+        "built SR %s: %d finding(s), %d lesion group(s) for series %s",
         sr.SOPInstanceUID,
         len(analysis.findings),
-        len(groups) - len(analysis.findings),
+        len(groups),
         volume.series_instance_uid,
     )
     return sr

@@ -90,6 +90,31 @@ def test_lesion_matches_the_analytic_sphere(
     assert dice > 0.9
 
 
+@pytest.mark.parametrize("sphere", [NODULE, GGO], ids=["nodule", "ggo"])
+def test_long_axis_is_drawn_where_it_was_measured(
+    analysis: AnalysisResult, axial: tuple[SourceVolume, ModelInput], sphere: Sphere
+) -> None:
+    """The key slice and end points give a segment as long as the reported diameter."""
+    volume, _ = axial
+    finding = analysis.findings[sphere.label_index]
+    assert finding.mask is not None
+    (lesion,) = finding.lesions
+    axis = lesion.long_axis
+    assert lesion.slice_range[0] <= axis.slice_index <= lesion.slice_range[1]
+    row_mm, col_mm = volume.spacing[1], volume.spacing[2]
+    delta = np.subtract(axis.end, axis.start) * (row_mm, col_mm)
+    assert float(np.linalg.norm(delta)) == pytest.approx(lesion.longest_axial_diameter_mm)
+    plane = finding.mask[axis.slice_index]
+    # Half a pixel inwards from each end lies the pixel centre of a lesion pixel.
+    inwards = delta / np.linalg.norm(delta) * (row_mm + col_mm) / 4 / (row_mm, col_mm)
+    for point, sign in ((axis.start, 1), (axis.end, -1)):
+        row, col = np.rint(np.add(point, sign * inwards)).astype(int)
+        assert plane[row, col], (point, sign)
+    # The key slice is one where the lesion's section is widest: near the sphere's centre.
+    centre_slice = (sphere.centre_lps[2] - volume.affine_lps[2, 3]) / volume.spacing[0]
+    assert abs(axis.slice_index - centre_slice) <= sphere.radius_mm / volume.spacing[0] / 2
+
+
 def test_cropped_resampling_equals_a_full_resample(
     analysis: AnalysisResult, axial: tuple[SourceVolume, ModelInput]
 ) -> None:

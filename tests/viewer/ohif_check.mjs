@@ -200,6 +200,39 @@ try {
         .first()
         .waitFor({ timeout });
     });
+    // OHIF draws the SR's measurements as SVG annotations on the image they reference.
+    await step('SR annotations', async () => {
+      await page.waitForFunction(
+        () =>
+          document.querySelector('[role="dialog"]') ||
+          document.body.innerText.includes('Something went wrong') ||
+          [...document.querySelectorAll('svg text')].some(t => t.textContent.trim()),
+        null,
+        { timeout },
+      );
+      result.srView = await page.evaluate(() => {
+        const cs = window.cornerstone;
+        const vp = cs.getEnabledElements()[0].viewport;
+        const imageId = vp.getCurrentImageId();
+        const rect = vp.canvas.getBoundingClientRect();
+        const page = ([c, r]) => {
+          const xy = vp.worldToCanvas(cs.utilities.imageToWorldCoords(imageId, [c, r]));
+          return [xy[0] + rect.left, xy[1] + rect.top];
+        };
+        return {
+          imageId,
+          origin: page([0, 0]),
+          column: page([1, 0]),
+          row: page([0, 1]),
+          canvas: [rect.left, rect.top, rect.width, rect.height],
+          // One entry per text line (a text box's lines are its tspans).
+          annotationText: [...vp.element.querySelectorAll('svg text')].flatMap(t => {
+            const spans = [...t.querySelectorAll('tspan')];
+            return spans.length ? spans.map(x => x.textContent) : [t.textContent];
+          }),
+        };
+      });
+    });
     result.screenshots.sr = await stableScreenshot(page, shot('sr'));
     result.srText = await page.locator('body').innerText();
   }

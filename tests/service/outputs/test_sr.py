@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -16,7 +17,15 @@ from pydicom.uid import Comprehensive3DSRStorage
 
 from model.labels import label_index
 from service.outputs.seg import build_seg
-from service.outputs.sr import ABSENT, PRESENT, PROBABILITY, THRESHOLD, build_sr
+from service.outputs.sr import (
+    ABSENT,
+    FINDING,
+    LONG_AXIS,
+    PRESENT,
+    PROBABILITY,
+    THRESHOLD,
+    build_sr,
+)
 from tests.service.dicom_fixtures import (
     DCIODVFY,
     DSRDUMP,
@@ -63,7 +72,7 @@ def sr(phantom: AnalysedPhantom, seg: Dataset) -> Dataset:
 
 
 def _value(
-    group: hd.sr.MeasurementsAndQualitativeEvaluations
+    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
     name: hd.sr.CodedConcept | Code,
 ) -> float:
@@ -108,24 +117,81 @@ def test_observer_is_the_model(sr: Dataset, phantom: AnalysedPhantom) -> None:
     assert attributes.manufacturer_name == phantom.card.manufacturer
 
 
-def test_one_group_per_abnormality(sr: Dataset, phantom: AnalysedPhantom) -> None:
-    report = report_of(sr)
-    groups = report.get_image_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == [
-        f.abnormality.name for f in phantom.analysis.findings
+def _container(sr: Dataset, code_value: str) -> Dataset:
+    (container,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == code_value
     ]
-    for group, finding in zip(groups, phantom.analysis.findings, strict=True):
-        concept = hd.sr.CodedConcept(
-            finding.abnormality.concept.value,
-            finding.abnormality.concept.scheme,
-            finding.abnormality.concept.meaning,
-        )
-        (evaluation,) = group.get_qualitative_evaluations(name=concept)
+    return container
+
+
+def test_every_abnormality_in_qualitative_evaluations(
+    sr: Dataset, phantom: AnalysedPhantom
+) -> None:
+    """TID 1500 row 13, one CODE per abnormality: present or absent, name, probability and
+    threshold."""
+    evaluations = [
+        hd.sr.CodeContentItem.from_dataset(item)
+        for item in _container(sr, "C0034375").ContentSequence
+        if item.ValueType == "CODE"
+    ]
+    assert len(evaluations) == len(phantom.analysis.findings) == 10
+    for evaluation, finding in zip(evaluations, phantom.analysis.findings, strict=True):
+        concept = finding.abnormality.concept
+        assert evaluation.name == hd.sr.CodedConcept(concept.value, concept.scheme, concept.meaning)
         assert evaluation.value == (PRESENT if finding.present else ABSENT)
-        assert _value(group, PROBABILITY) == pytest.approx(finding.probability, abs=1e-6)
-        assert _value(group, THRESHOLD) == pytest.approx(finding.threshold)
-        (probability,) = group.get_measurements(name=PROBABILITY)
-        assert probability.unit.value == "1"
+        assert evaluation.relationship_type == hd.sr.RelationshipTypeValues.CONTAINS
+        properties = {
+            item.ConceptNameCodeSequence[0].CodeValue: item for item in evaluation.ContentSequence
+        }
+        assert {str(item.RelationshipType) for item in properties.values()} == {"HAS PROPERTIES"}
+        assert properties[FINDING.value].TextValue == finding.abnormality.name
+        probability = hd.sr.NumContentItem.from_dataset(properties[PROBABILITY.value])
+        threshold = hd.sr.NumContentItem.from_dataset(properties[THRESHOLD.value])
+        assert probability.value == pytest.approx(finding.probability, abs=1e-6)
+        assert threshold.value == pytest.approx(finding.threshold)
+        assert probability.unit.value == threshold.unit.value == "1"
+
+
+def test_no_measurement_group_without_image_coordinates(sr: Dataset) -> None:
+    """Every group is a planar ROI (SCOORD) or, for the same lesion, a volumetric ROI: OHIF
+    cannot open a report with TID 1501 groups (no image coordinates)."""
+    report = report_of(sr)
+    assert report.get_image_measurement_groups() == []
+    planar = {g.tracking_uid for g in report.get_planar_roi_measurement_groups()}
+    volumetric = {g.tracking_uid for g in report.get_volumetric_roi_measurement_groups()}
+    assert planar == volumetric and len(planar) == 3
+
+
+def test_one_planar_group_per_lesion(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    """TID 1410: the long axis as a POLYLINE on the lesion's key slice."""
+    volume = phantom.volume
+    groups = report_of(sr).get_planar_roi_measurement_groups()
+    lesions = [(f, lesion) for f in phantom.analysis.findings for lesion in f.lesions]
+    assert len(groups) == len(lesions) == 3
+    for group, (finding, lesion) in zip(groups, lesions, strict=True):
+        assert (
+            group.tracking_identifier == f"{finding.abnormality.name} lesion {lesion.lesion_number}"
+        )
+        assert group.finding_type is not None
+        assert group.finding_type.value == finding.abnormality.concept.value
+        (site,) = group.finding_sites
+        assert site.value == codes.SCT.Lung
+        region = group.roi
+        assert isinstance(region, hd.sr.ImageRegion)
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        source = volume.datasets[lesion.long_axis.slice_index]
+        assert region.ContentSequence[0].referenced_sop_instance_uid == source.SOPInstanceUID
+        assert region.ContentSequence[0].referenced_sop_class_uid == source.SOPClassUID
+        # (column, row), the top left corner of the top left pixel at (0, 0).
+        points = np.asarray(region.value)
+        axis = lesion.long_axis
+        expected = np.array([axis.start[::-1], axis.end[::-1]]) + 0.5
+        np.testing.assert_allclose(points, expected, atol=1e-4)
+        length = np.linalg.norm((points[1] - points[0]) * (volume.spacing[2], volume.spacing[1]))
+        assert _value(group, LONG_AXIS) == pytest.approx(length, abs=0.01)
+        assert _value(group, LONG_AXIS) == pytest.approx(lesion.longest_axial_diameter_mm, abs=0.01)
 
 
 def test_one_volumetric_group_per_lesion(
@@ -133,8 +199,11 @@ def test_one_volumetric_group_per_lesion(
 ) -> None:
     report = report_of(sr)
     groups = report.get_volumetric_roi_measurement_groups()
+    planar = report.get_planar_roi_measurement_groups()
     lesions = [(f, lesion) for f in phantom.analysis.findings for lesion in f.lesions]
     assert len(groups) == len(lesions) == 3
+    # The same lesion as the planar group: OHIF shows both groups' values on its line.
+    assert [g.tracking_uid for g in groups] == [g.tracking_uid for g in planar]
     segment_of = {NODULE.label_index: 2, GGO.label_index: 1}  # card order: GGO (7), nodule (8)
     for group, (finding, lesion) in zip(groups, lesions, strict=True):
         assert (
@@ -166,21 +235,16 @@ def test_one_volumetric_group_per_lesion(
 
 
 def test_report_text_in_qualitative_evaluations(sr: Dataset, phantom: AnalysedPhantom) -> None:
-    root = sr.ContentSequence
-    (container,) = [
-        item
-        for item in root
-        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
-    ]
     texts = {
         item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
-        for item in container.ContentSequence
+        for item in _container(sr, "C0034375").ContentSequence
+        if item.ValueType == "TEXT"
     }
     assert texts["Findings"] == phantom.analysis.report_text
     assert "NOT FOR CLINICAL USE" in texts["Comment"]
 
 
-def test_without_seg_no_lesion_groups(phantom: AnalysedPhantom) -> None:
+def test_without_seg_planar_groups_only(phantom: AnalysedPhantom) -> None:
     sr = write_and_read(
         build_sr(
             phantom.volume,
@@ -192,8 +256,40 @@ def test_without_seg_no_lesion_groups(phantom: AnalysedPhantom) -> None:
         )
     )
     report = report_of(sr)
-    assert len(report.get_image_measurement_groups()) == 10
+    assert len(report.get_planar_roi_measurement_groups()) == 3
     assert report.get_volumetric_roi_measurement_groups() == []
+    codes_ = [i for i in _container(sr, "C0034375").ContentSequence if i.ValueType == "CODE"]
+    assert len(codes_) == 10
+
+
+@pytest.fixture(scope="module")
+def normal_sr(phantom: AnalysedPhantom) -> Dataset:
+    """The report of a study where nothing was found: no lesion, so no measurement group."""
+    findings = tuple(
+        dataclasses.replace(f, present=False, mask=None, lesions=())
+        for f in phantom.analysis.findings
+    )
+    normal = dataclasses.replace(phantom.analysis, findings=findings)
+    return write_and_read(
+        build_sr(
+            phantom.volume, normal, None, phantom.card, series_number=2, series_description="x"
+        )
+    )
+
+
+def test_nothing_found_has_evaluations_but_no_imaging_measurements(normal_sr: Dataset) -> None:
+    report = report_of(normal_sr)
+    assert report.get_planar_roi_measurement_groups() == []
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in normal_sr.ContentSequence]
+    assert codes.DCM.ImagingMeasurements.value not in names
+    assert codes.DCM.ProcedureReported.value in names
+    evaluations = [
+        item
+        for item in _container(normal_sr, "C0034375").ContentSequence
+        if item.ValueType == "CODE"
+    ]
+    assert [item.ConceptCodeSequence[0].CodeValue for item in evaluations] == [ABSENT.value] * 10
+    assert normal_sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
 def test_seg_of_another_analysis_is_refused(phantom: AnalysedPhantom, seg: Dataset) -> None:
@@ -217,8 +313,11 @@ def test_seg_of_another_analysis_is_refused(phantom: AnalysedPhantom, seg: Datas
 
 
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) is not installed")
-def test_dciodvfy_finds_no_errors(sr: Dataset, tmp_path: Path) -> None:
-    result = dciodvfy(save(sr, tmp_path / "sr.dcm"))
+@pytest.mark.parametrize("which", ["sr", "normal_sr"])
+def test_dciodvfy_finds_no_errors(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    result = dciodvfy(save(request.getfixturevalue(which), tmp_path / "sr.dcm"))
     assert not result.errors, result.output
     assert result.returncode == 0, result.output
 
@@ -236,6 +335,7 @@ def test_dsrdump_prints_the_tree(sr: Dataset, tmp_path: Path, phantom: AnalysedP
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Imaging Measurement Report" in proc.stdout
     assert "Referenced Segment" in proc.stdout
+    assert "SCOORD" in proc.stdout and "POLYLINE" in proc.stdout
     assert "Qualitative Evaluations" in proc.stdout
     assert phantom.analysis.report_text[:20] in proc.stdout
 
@@ -260,9 +360,12 @@ def test_dcmqi_tid1500reader_parses(sr: Dataset, seg: Dataset, tmp_path: Path) -
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metadata = json.loads(out.read_text())
     measurements = metadata["Measurements"]
-    assert len(measurements) == 13
+    assert len(measurements) == 6  # per lesion, the planar and the volumetric group
     volumetric = [m for m in measurements if "ReferencedSegment" in m]
     assert sorted(m["ReferencedSegment"] for m in volumetric) == [1, 2, 2]
+    for group in volumetric:
+        quantities = {item["quantity"]["CodeMeaning"] for item in group["measurementItems"]}
+        assert quantities == {"Volume", "Long axis"}
     assert {m["segmentationSOPInstanceUID"] for m in volumetric} == {seg.SOPInstanceUID}
     assert metadata["procedureReported"]["CodeValue"] == "24627-2"
     assert metadata["observerContext"]["ObserverType"] == "DEVICE"
