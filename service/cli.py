@@ -58,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     from service.commands import (
         add_config_argument,
         add_jobs_arguments,
+        add_worker_arguments,
         cmd_check_config,
         cmd_db_upgrade,
         cmd_jobs,
         cmd_serve,
+        cmd_worker,
     )
     from service.demo import add_demo_arguments, cmd_demo
 
@@ -108,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_argument(p)
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
+        "worker",
+        help="run jobs from the procrastinate queue (queue.backend: procrastinate); "
+        "scale these apart from the receivers",
+    )
+    add_worker_arguments(p)
+    p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser(
         "check-config", help="validate config.yaml, the model bundle and the engines"

@@ -49,12 +49,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     setup_logging(settings.logging)
     processor = UniCTProcessor(settings)
-    try:
-        processor.load()
-    except Exception:
-        # Keep receiving (nothing is lost) but stay unready: /readyz says why.
-        logger.error("the node starts without a model; jobs wait until it loads")
-    node = Node(settings, processor, processor.status)
+    if settings.queue.backend == "embedded":
+        try:
+            processor.load()
+        except Exception:
+            # Keep receiving (nothing is lost) but stay unready: /readyz says why.
+            logger.error("the node starts without a model; jobs wait until it loads")
+        engine_status = processor.status
+    else:
+        # A receiver only: the model is loaded by `unict-node worker` processes.
+        def engine_status() -> tuple[bool, str]:
+            return True, f"in `unict-node worker` processes (queue {settings.queue.name})"
+
+    node = Node(settings, processor, engine_status)
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -72,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         node.dicom_port,
         settings.http.host,
         node.http_port,
-        processor.status()[1],
+        engine_status()[1],
     )
     try:
         while not stop.wait(0.5):
@@ -124,6 +131,66 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     run_migrations(settings.database.url)
     print(f"database at head: {settings.database.url.split('@')[-1]}")
+    if settings.queue.backend == "procrastinate":
+        from service.queue import apply_procrastinate_schema
+
+        installed = apply_procrastinate_schema(settings.database.url)
+        print("procrastinate schema " + ("installed" if installed else "already present"))
+    return 0
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``unict-node worker``."""
+    add_config_argument(parser)
+    parser.add_argument(
+        "--name",
+        help="this worker's name (lease owner prefix; default: worker-HOSTNAME-PID)",
+    )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run jobs from the procrastinate queue (``queue.backend: procrastinate``) until SIGTERM."""
+    import os
+    import socket
+
+    from service.processor import UniCTProcessor
+    from service.queue import apply_procrastinate_schema, queue_hook, run_procrastinate_worker
+    from service.sender import Sender
+    from service.store import JobStore, RetryPolicy, run_migrations
+    from service.worker import Workers
+
+    settings = settings_from_args(args)
+    setup_logging(settings.logging)
+    if settings.queue.backend != "procrastinate":
+        print(
+            "unict-node worker needs queue.backend: procrastinate "
+            "(with embedded, `unict-node serve` runs the workers itself)",
+            file=sys.stderr,
+        )
+        return 2
+    processor = UniCTProcessor(settings)
+    processor.load()  # a worker without its model would only fail jobs: fail loudly instead
+    if settings.database.migrate_on_start:
+        run_migrations(settings.database.url)
+        apply_procrastinate_schema(settings.database.url)
+    workers_settings = settings.workers
+    store = JobStore(
+        settings.database.url,
+        retry=RetryPolicy(
+            max_attempts=workers_settings.max_attempts,
+            backoff_s=workers_settings.retry_backoff_s,
+            max_backoff_s=workers_settings.max_retry_backoff_s,
+        ),
+        on_queued=queue_hook(settings),
+    )
+    sender = Sender(settings.destinations, settings.sender, calling_ae=settings.dicom.ae_title)
+    name = args.name or f"worker-{socket.gethostname()}-{os.getpid()}"
+    workers = Workers(store, processor, sender, workers_settings, name=name)
+    logger.info("worker %s ready: engine %s", name, processor.status()[1])
+    try:
+        run_procrastinate_worker(settings, store, workers)
+    finally:
+        store.close()
     return 0
 
 
@@ -138,10 +205,12 @@ def _job_line(job: Any) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List, show or retry jobs from the command line."""
+    from service.queue import queue_hook
     from service.store import JobState, JobStore
 
     settings = settings_from_args(args)
-    store = JobStore(settings.database.url)
+    # With the procrastinate queue, a retry defers its delivery in the same transaction.
+    store = JobStore(settings.database.url, on_queued=queue_hook(settings))
     if args.action == "list":
         state = JobState(args.state.upper()) if args.state else None
         jobs = store.list_jobs(state=state, limit=args.limit, offset=args.offset)

@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.engine import make_url
 
@@ -46,6 +47,7 @@ __all__ = [
     "ModelSettings",
     "OutputsSettings",
     "QueryPeer",
+    "QueueSettings",
     "RetentionSettings",
     "SegOutputSettings",
     "SelectionSettings",
@@ -392,6 +394,31 @@ class WorkersSettings(_Section):
     poll_interval_s: float = Field(default=1.0, gt=0)
 
 
+class QueueSettings(_Section):
+    """How queued jobs reach workers (DESIGN.md §6).
+
+    ``embedded``: in-process worker threads poll the job store (one node). ``procrastinate``:
+    a series completion also defers a procrastinate job in the same transaction, and
+    ``unict-node worker`` processes on any machine run it; ``serve`` then only receives.
+    """
+
+    backend: Literal["embedded", "procrastinate"] = "embedded"
+    name: str = Field(default="unict", min_length=1, max_length=60)
+    """The procrastinate queue the node defers to and its workers listen on."""
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    """How often a worker process tells PostgreSQL it is alive."""
+    stalled_after_s: float = Field(default=30.0, gt=0)
+    """A worker silent this long is presumed lost; its procrastinate jobs are retried."""
+    maintenance_interval_s: float = Field(default=5.0, gt=0)
+    """How often a worker process retries stalled jobs and takes back expired leases."""
+
+    @model_validator(mode="after")
+    def _heartbeat_shorter(self) -> QueueSettings:
+        if self.stalled_after_s <= self.heartbeat_s:
+            raise ValueError("stalled_after_s must be longer than heartbeat_s")
+        return self
+
+
 class LoggingSettings(_Section):
     """Log level and format."""
 
@@ -419,7 +446,19 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     outputs: OutputsSettings = OutputsSettings()
     workers: WorkersSettings = WorkersSettings()
+    queue: QueueSettings = QueueSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _queue_needs_postgres(self) -> Settings:
+        if (
+            self.queue.backend == "procrastinate"
+            and make_url(self.database.url).get_backend_name() != "postgresql"
+        ):
+            raise ValueError(
+                "queue.backend: procrastinate needs a postgresql+psycopg:// database.url"
+            )
+        return self
 
     @field_validator("destinations")
     @classmethod

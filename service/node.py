@@ -28,6 +28,7 @@ from service.assembly import Assembler, CFindCounter, SeriesCounter
 from service.config import Settings
 from service.http import Check, create_app
 from service.metrics import NodeMetrics
+from service.queue import apply_procrastinate_schema, queue_hook
 from service.receiver import Receiver
 from service.retention import RetentionCleaner
 from service.sender import Sender
@@ -81,7 +82,11 @@ class Node:
                 backoff_s=settings.workers.retry_backoff_s,
                 max_backoff_s=settings.workers.max_retry_backoff_s,
             ),
+            on_queued=queue_hook(settings),
         )
+        # With queue.backend procrastinate the node only receives: `unict-node worker`
+        # processes run the jobs.
+        self._embedded = settings.queue.backend == "embedded"
         if counter is None and settings.assembly.query_sender_for_count:
             counter = CFindCounter(
                 settings.dicom.ae_title,
@@ -136,11 +141,14 @@ class Node:
         try:
             if self.settings.database.migrate_on_start:
                 run_migrations(self.settings.database.url)
+                if not self._embedded:
+                    apply_procrastinate_schema(self.settings.database.url)
             self._store.ping()
             self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
             self.receiver.start()
             self.assembler.start()
-            self.workers.start()
+            if self._embedded:
+                self.workers.start()
             if self.settings.retention.enabled:
                 self.retention.start()
             if http:
@@ -275,6 +283,15 @@ class Node:
                 "running" if self.assembler.is_alive else "not running",
             )
         )
-        alive, wanted = self.workers.alive, self.settings.workers.count
-        checks.append(Check("workers", alive == wanted, f"{alive} of {wanted} running"))
+        if self._embedded:
+            alive, wanted = self.workers.alive, self.settings.workers.count
+            checks.append(Check("workers", alive == wanted, f"{alive} of {wanted} running"))
+        else:
+            checks.append(
+                Check(
+                    "workers",
+                    True,
+                    f"`unict-node worker` processes on queue {self.settings.queue.name}",
+                )
+            )
         return checks

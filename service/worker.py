@@ -193,6 +193,28 @@ class Workers:
         job = self.store.claim_next_job(worker_id, self.settings.lease_s)
         if job is None:
             return None
+        return self._run_claimed(job, worker_id)
+
+    def run_job(self, job_id: int, worker_id: str | None = None) -> JobRecord | None:
+        """Claim and run one given job (a queue backend delivered it).
+
+        Returns
+        -------
+        JobRecord or None
+            The job's record after this run, or ``None`` when it was not ``QUEUED`` (taken
+            by another worker, ended, superseded) or the lease was lost midway: a second
+            delivery of the same job never runs it twice.
+        """
+        worker_id = worker_id or f"{self.name}-0"
+        job = self.store.claim_job(job_id, worker_id, self.settings.lease_s)
+        if job is None:
+            logger.info(
+                "job %d: delivered but not QUEUED; nothing to do", job_id, extra={"job_id": job_id}
+            )
+            return None
+        return self._run_claimed(job, worker_id)
+
+    def _run_claimed(self, job: JobRecord, worker_id: str) -> JobRecord | None:
         extra = {"job_id": job.id, "series_uid": job.series_instance_uid}
         paths = tuple(i.path for i in sort_instances(self.store.job_instances(job.id)))
         claimed = ClaimedJob(

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from service.errors import IllegalTransition, JobNotFound, LeaseLost
@@ -48,6 +48,8 @@ __all__ = [
     "JobRecord",
     "JobStore",
     "PendingSeries",
+    "QueuedHook",
+    "QueuedJob",
     "ReceivedInstance",
     "RecordOutcome",
     "RecordResult",
@@ -59,6 +61,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_QUEUED_KEY = "unict_queued_jobs"
+
 Clock = Callable[[], datetime]
 """Returns the current time, timezone-aware UTC. Injectable so that tests drive time."""
 
@@ -69,6 +73,23 @@ def utc_now() -> datetime:
 
 
 # --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job that has just become ``QUEUED``, as a queue backend needs to see it."""
+
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    version: int
+    not_before: datetime | None
+    """Its next retry time (``None``: due now)."""
+
+
+QueuedHook = Callable[[Session, QueuedJob], None]
+"""Called inside the transaction that makes a job ``QUEUED``, just before it commits, so
+that a queue backend can enqueue it atomically with the state change (DESIGN.md §6)."""
 
 
 @dataclass(frozen=True)
@@ -280,10 +301,18 @@ class JobStore:
         Source of "now" for every timestamp, lease and retry time.
     retry
         Attempts and backoff of jobs that fail for a retryable reason.
+    on_queued
+        Called in the same transaction whenever a job becomes ``QUEUED`` (series complete,
+        retry, expired lease, admin retry); an exception there rolls the change back.
     """
 
     def __init__(
-        self, url: str, *, clock: Clock = utc_now, retry: RetryPolicy | None = None
+        self,
+        url: str,
+        *,
+        clock: Clock = utc_now,
+        retry: RetryPolicy | None = None,
+        on_queued: QueuedHook | None = None,
     ) -> None:
         self.url = url
         self.engine = create_store_engine(url)
@@ -291,6 +320,7 @@ class JobStore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._clock = clock
         self.retry_policy = retry or RetryPolicy()
+        self._on_queued = on_queued
 
     def close(self) -> None:
         """Release the database connections."""
@@ -304,6 +334,22 @@ class JobStore:
     def _tx(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
             yield session
+            queued: list[Job] = session.info.pop(_QUEUED_KEY, [])
+            if self._on_queued is not None:
+                for job in queued:
+                    if job.state is not JobState.QUEUED:
+                        continue
+                    series = session.get_one(Series, job.series_id)
+                    self._on_queued(
+                        session,
+                        QueuedJob(
+                            job_id=job.id,
+                            study_instance_uid=series.study_instance_uid,
+                            series_instance_uid=series.series_instance_uid,
+                            version=job.version,
+                            not_before=job.next_retry_at,
+                        ),
+                    )
 
     def ping(self) -> None:
         """Run a trivial query; raises if the database cannot be reached."""
@@ -626,6 +672,44 @@ class JobStore:
                 job.lease_owner = worker_id
                 job.lease_expires_at = now + timedelta(seconds=lease_s)
                 job.next_retry_at = None
+            series = session.get_one(Series, job.series_id)
+            logger.info(
+                "job %d claimed by %s (attempt %d/%d, series %s v%d)",
+                job.id,
+                worker_id,
+                job.attempts,
+                job.max_attempts,
+                series.series_instance_uid,
+                job.version,
+                extra={"job_id": job.id, "series_uid": series.series_instance_uid},
+            )
+            return JobRecord._from_rows(job, series)
+
+    def claim_job(self, job_id: int, worker_id: str, lease_s: float) -> JobRecord | None:
+        """Take one given ``QUEUED`` job and lease it to `worker_id` (a queue delivered it).
+
+        Its retry time is not checked: the queue already held the delivery until then, and
+        the worker's clock may differ from the receiver's.
+
+        Returns
+        -------
+        JobRecord or None
+            The job, now ``RUNNING`` with its attempt counted; ``None`` if it is not
+            ``QUEUED`` (another worker has it, it ended, or it was superseded).
+        """
+        now = self._clock()
+        with self._tx() as session:
+            stmt = select(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+            if not self._is_sqlite:
+                stmt = stmt.with_for_update(skip_locked=True)
+            job = session.scalars(stmt).first()
+            if job is None:
+                return None
+            self._transition(job, JobState.RUNNING, now)
+            job.attempts += 1
+            job.lease_owner = worker_id
+            job.lease_expires_at = now + timedelta(seconds=lease_s)
+            job.next_retry_at = None
             series = session.get_one(Series, job.series_id)
             logger.info(
                 "job %d claimed by %s (attempt %d/%d, series %s v%d)",
@@ -1007,3 +1091,9 @@ class JobStore:
         check_transition(job.state, new)
         job.state = new
         job.updated_at = now
+        if new is JobState.QUEUED:
+            # The queue hook runs when the transaction is about to commit, once the job's
+            # retry time and everything else of this change are set.
+            session = object_session(job)
+            if session is not None:
+                session.info.setdefault(_QUEUED_KEY, []).append(job)

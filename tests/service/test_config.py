@@ -206,3 +206,14 @@ def test_defaults_and_helpers() -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("pacs.example")
     assert is_placeholder_secret("ChangeMe") and not is_placeholder_secret("x9-long-random")
+
+
+def test_procrastinate_queue_needs_postgres() -> None:
+    base = {"dicom": {"ae_title": "UNICT", "allow_any_caller": True}}
+    assert Settings.model_validate(base).queue.backend == "embedded"
+    with pytest.raises(ValidationError, match=r"queue\.backend: procrastinate needs"):
+        Settings.model_validate(
+            {**base, "queue": {"backend": "procrastinate"}, "database": {"url": "sqlite:///x.db"}}
+        )
+    with pytest.raises(ValidationError, match="stalled_after_s must be longer"):
+        Settings.model_validate({**base, "queue": {"heartbeat_s": 10, "stalled_after_s": 5}})

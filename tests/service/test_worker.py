@@ -233,3 +233,14 @@ def test_worker_threads_pick_up_queued_jobs(sqlite_store: JobStore) -> None:
 
 def test_run_once_without_jobs(sqlite_store: JobStore) -> None:
     assert Workers(sqlite_store, FakeProcessor(), FakeSend(), SETTINGS).run_once() is None
+
+
+def test_run_job_runs_a_delivered_job_once(sqlite_store: JobStore) -> None:
+    # What a procrastinate delivery calls: a second delivery of the same job does nothing.
+    job_id, _ = queue_job(sqlite_store)
+    processor, send = FakeProcessor(), FakeSend()
+    workers = Workers(sqlite_store, processor, send, SETTINGS, name="w")
+    done = workers.run_job(job_id)
+    assert done is not None and done.state is JobState.DONE
+    assert workers.run_job(job_id) is None
+    assert len(processor.jobs) == 1 and len(send.calls) == 1
