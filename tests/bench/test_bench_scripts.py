@@ -19,7 +19,9 @@ DCMTK = Path("/usr/bin/storescu").exists() and Path("/usr/bin/storescp").exists(
 needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK not installed (apt-get install dcmtk)")
 
 
-@pytest.mark.parametrize("name", ["bench_ingest", "bench_encode", "bench_memory"])
+@pytest.mark.parametrize(
+    "name", ["bench_ingest", "bench_encode", "bench_memory", "bench_distributed"]
+)
 def test_help(name: str) -> None:
     """``python -m bench.NAME --help`` prints the usage and the description."""
     result = subprocess.run(
@@ -99,3 +101,12 @@ def test_memory_reads_proc_and_prints_a_table() -> None:
         [Row(300, 500 * 1024, 600 * 1024, 510 * 1024, 1500 * 1024, 900 * 1024, "DONE", 4.2)]
     )
     assert "| 300×512×512 | DONE | 500 | 600 | 510 | **1500** | 900 | 4.2 |" in text
+
+
+def test_distributed_table_has_the_ratio_of_workers() -> None:
+    from bench.bench_distributed import Run, table
+
+    lines = table([Run(1, 4, 4, 60.0), Run(2, 4, 4, 40.0)]).splitlines()
+    assert lines[0] == "| workers | studies | done | seconds | studies/min | ratio |"
+    assert lines[2] == "| 1 | 4 | 4 | 60.0 | 4.0 | 1.00 |"
+    assert lines[3] == "| 2 | 4 | 4 | 40.0 | 6.0 | 1.50 |"
