@@ -392,6 +392,9 @@ class WorkersSettings(_Section):
     retry_backoff_s: float = Field(default=30.0, ge=0)
     max_retry_backoff_s: float = Field(default=3600.0, ge=0)
     poll_interval_s: float = Field(default=1.0, gt=0)
+    memory_limit_mb: int | None = Field(default=6144, ge=256)
+    """A series whose analysis would take the process over this is refused (FAILED at
+    load, naming this key) before it is loaded; ``null`` for no bound."""
 
 
 class QueueSettings(_Section):

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -174,8 +175,52 @@ def _stage(stage: Stage, timings: dict[Stage, float]) -> Iterator[None]:
         timings[stage] = time.perf_counter() - start
 
 
-def load_stage(paths: Sequence[Path]) -> SourceVolume:
-    """Stage ``load``: the series as one volume."""
+#: Bytes of process memory one voxel of the source series costs during analysis (the
+#: stored pixels, the float32 volume and the resampling copies), measured with
+#: ``bench/bench_memory.py``: 300 and 600 slices of 512x512 both peaked at 8.0 bytes a
+#: voxel above the ready node (BENCHMARKS.md, "Memory").
+ANALYSIS_BYTES_PER_VOXEL = 8
+
+
+def resident_mb() -> float:
+    """This process's resident memory (VmRSS) in MiB; 0 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def check_memory(paths: Sequence[Path], limit_mb: float) -> None:
+    """Refuse a series whose analysis would take this process over ``limit_mb``.
+
+    The estimate is the first instance's frame size times the number of frames, at
+    :data:`ANALYSIS_BYTES_PER_VOXEL`, on top of the memory in use now; only that header
+    is read. Raises a non-retryable :class:`StageError` of stage ``load`` that names the
+    setting, so an admin can raise it and retry the job.
+    """
+    if not paths:
+        return
+    header = dcmread(paths[0], stop_before_pixels=True)
+    frames = int(getattr(header, "NumberOfFrames", 1) or 1) * len(paths)
+    voxels = int(header.Rows) * int(header.Columns) * frames
+    need = voxels * ANALYSIS_BYTES_PER_VOXEL / 2**20
+    in_use = resident_mb()
+    if in_use + need > limit_mb:
+        raise StageError(
+            Stage.LOAD,
+            f"series of {frames} frames of {header.Rows}x{header.Columns} needs about "
+            f"{need:.0f} MB for analysis on top of {in_use:.0f} MB in use: over "
+            f"workers.memory_limit_mb ({limit_mb:.0f})",
+        )
+
+
+def load_stage(paths: Sequence[Path], memory_limit_mb: float | None = None) -> SourceVolume:
+    """Stage ``load``: the series as one volume (refused first if over the memory bound)."""
+    if memory_limit_mb is not None:
+        check_memory(paths, memory_limit_mb)
     return load_series(paths)
 
 
@@ -275,6 +320,7 @@ def analyse_series(
     outputs: OutputOptions,
     *,
     uids: OutputUIDs | None = None,
+    memory_limit_mb: float | None = None,
 ) -> PipelineResult:
     """Run one series through every stage.
 
@@ -290,6 +336,9 @@ def analyse_series(
         SEG/SR options.
     uids
         UIDs of the SEG and SR (see :meth:`OutputUIDs.for_result`); new ones when ``None``.
+    memory_limit_mb
+        Refuse, before loading, a series whose analysis would take the process over this
+        (see :func:`check_memory`); no bound when ``None``.
 
     Returns
     -------
@@ -304,7 +353,7 @@ def analyse_series(
     """
     timings: dict[Stage, float] = {}
     with _stage(Stage.LOAD, timings):
-        volume = load_stage(paths)
+        volume = load_stage(paths, memory_limit_mb)
     with _stage(Stage.PREPROCESS, timings):
         model_input = preprocess_stage(volume, card)
     with _stage(Stage.INFER, timings):

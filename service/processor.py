@@ -100,7 +100,14 @@ class UniCTProcessor:
         uids = OutputUIDs.for_result(
             job.study_instance_uid, job.series_instance_uid, job.version, card
         )
-        result = analyse_series(job.instance_paths, self._engine, card, self.options, uids=uids)
+        result = analyse_series(
+            job.instance_paths,
+            self._engine,
+            card,
+            self.options,
+            uids=uids,
+            memory_limit_mb=self.settings.workers.memory_limit_mb,
+        )
         outputs = tuple(ds for ds in (result.seg, result.sr, *result.sc) if ds is not None)
         timings = {stage.value: seconds for stage, seconds in result.timings.items()}
         preview = None

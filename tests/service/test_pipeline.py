@@ -219,3 +219,20 @@ def _timed(work: Callable[[], T]) -> tuple[T, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     value = work()
     return value, min(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def test_a_series_over_the_memory_bound_is_refused_before_loading(series: list[Path]) -> None:
+    from service.pipeline import ANALYSIS_BYTES_PER_VOXEL, resident_mb
+
+    card = make_card()
+    engine = FakeEngine(card)
+    need = 40 * 128 * 128 * ANALYSIS_BYTES_PER_VOXEL / 2**20
+    limit = resident_mb() + need / 2  # what is in use plus half of what the series needs
+    with pytest.raises(StageError) as info:
+        analyse_series(series, engine, card, OutputOptions(), memory_limit_mb=limit)
+    assert info.value.stage == Stage.LOAD and not info.value.retryable
+    assert "40 frames of 128x128" in info.value.reason
+    assert "workers.memory_limit_mb" in info.value.reason
+    assert engine.loads == 0  # refused before anything was loaded or run
+    result = analyse_series(series, engine, card, OutputOptions(), memory_limit_mb=limit + need)
+    assert Stage.INFER in result.timings
