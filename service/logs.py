@@ -73,7 +73,12 @@ def setup_logging(settings: LoggingSettings, stream: TextIO | None = None) -> lo
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.json_lines else PlainFormatter())
     root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, "_unict", False)]:
+    # Ours from an earlier call, and the plain stream handler of the CLI's early
+    # basicConfig: either would print every line a second time. Subclasses (pytest's
+    # capture handlers) stay.
+    for old in [
+        h for h in root.handlers if getattr(h, "_unict", False) or type(h) is logging.StreamHandler
+    ]:
         root.removeHandler(old)
     handler._unict = True  # type: ignore[attr-defined]
     root.addHandler(handler)

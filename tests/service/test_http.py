@@ -745,3 +745,28 @@ def test_json_and_plain_logs_carry_context_fields() -> None:
         root.removeHandler(handler)
         root.setLevel(saved_level)
         logging.getLogger("pynetdicom").setLevel(logging.NOTSET)
+
+
+def test_setup_logging_after_the_cli_basic_config_prints_each_line_once() -> None:
+    """`unict-node serve|worker` call basicConfig early, then setup_logging: one line an event."""
+    import io
+    import logging
+
+    from service.config import LoggingSettings
+    from service.logs import setup_logging
+
+    root = logging.getLogger()
+    early = io.StringIO()
+    # What basicConfig installs in a fresh process (here pytest's handlers make it a no-op).
+    basic = logging.StreamHandler(early)
+    root.addHandler(basic)
+    added = [basic]
+    out = io.StringIO()
+    handler = setup_logging(LoggingSettings(level="INFO"), stream=out)
+    try:
+        logging.getLogger("service.test").info("job %d: done", 7)
+        assert out.getvalue().count("job 7: done") == 1
+        assert early.getvalue() == ""
+        assert not any(h in root.handlers for h in added)
+    finally:
+        root.removeHandler(handler)
