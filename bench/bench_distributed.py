@@ -26,7 +26,7 @@ import yaml
 from pydicom.uid import generate_uid
 
 from service.store import JobState, JobStore
-from tests.conftest import POSTGRES_ENV, wait_until
+from tests.conftest import POSTGRES_ENV, free_port, wait_until
 from tests.service.distributed_harness import (
     db_upgrade,
     fresh_database,
@@ -71,7 +71,15 @@ def run(
             logs = [work / f"w{i}.log" for i in range(workers)]
             for i, log in enumerate(logs):
                 procs.append(
-                    unict_node("worker", "--config", str(config), "--name", f"w{i}", log=log)
+                    unict_node(
+                        "worker",
+                        "--config",
+                        str(config),
+                        "--name",
+                        f"w{i}",
+                        log=log,
+                        http_port=free_port(),  # workers serve HTTP too: a port each
+                    )
                 )
             wait_until(
                 lambda: http_ready(http_port) and all(worker_ready(log) for log in logs),

@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "worker",
-        help="run jobs from the procrastinate queue (queue.backend: procrastinate); "
-        "scale these apart from the receivers",
+        help="run jobs from the procrastinate queue (queue.backend: procrastinate), with "
+        "HTTP health, metrics and jobs API; scale these apart from the receivers",
     )
     add_worker_arguments(p)
     p.set_defaults(handler=cmd_worker)

@@ -149,12 +149,25 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Run jobs from the procrastinate queue (``queue.backend: procrastinate``) until SIGTERM."""
+    """Run jobs from the procrastinate queue (``queue.backend: procrastinate``) until SIGTERM.
+
+    The HTTP API (``http.host``/``http.port``, same token rules as ``serve``) is up from
+    before the model loads until the last running job has finished: ``/healthz``,
+    ``/readyz`` (database, engine, queue, spool_space), ``/metrics`` and ``/jobs``.
+    """
     import os
     import socket
 
+    from service.http import ServerThread, api_token, create_app
+    from service.metrics import NodeMetrics
     from service.processor import UniCTProcessor
-    from service.queue import apply_procrastinate_schema, queue_hook, run_procrastinate_worker
+    from service.queue import (
+        QueueStatus,
+        apply_procrastinate_schema,
+        queue_hook,
+        run_procrastinate_worker,
+    )
+    from service.readiness import WorkerStatus
     from service.sender import Sender
     from service.store import JobStore, RetryPolicy, run_migrations
     from service.worker import Workers
@@ -169,7 +182,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
         return 2
     processor = UniCTProcessor(settings)
-    processor.load()  # a worker without its model would only fail jobs: fail loudly instead
     if settings.database.migrate_on_start:
         run_migrations(settings.database.url)
         apply_procrastinate_schema(settings.database.url)
@@ -183,13 +195,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
         ),
         on_queued=queue_hook(settings),
     )
+    metrics = NodeMetrics(store)
     sender = Sender(settings.destinations, settings.sender, calling_ae=settings.dicom.ae_title)
     name = args.name or f"worker-{socket.gethostname()}-{os.getpid()}"
-    workers = Workers(store, processor, sender, workers_settings, name=name)
-    logger.info("worker %s ready: engine %s", name, processor.status()[1])
+    workers = Workers(store, processor, sender, workers_settings, name=name, metrics=metrics)
+    queue_status = QueueStatus(settings.queue.name)
+    status = WorkerStatus(store, processor.status, queue_status.status, settings.storage)
+    app = create_app(
+        status, token=api_token(settings.http), metrics=metrics, destinations=settings.destinations
+    )
+    http = ServerThread(app, settings.http.host, settings.http.port)
     try:
-        run_procrastinate_worker(settings, store, workers)
+        settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Up before the model loads: /healthz answers, /readyz says "engine: not loaded yet".
+        http.start()
+        logger.info("worker %s: HTTP http://%s:%d", name, settings.http.host, http.port)
+        processor.load()  # a worker without its model would only fail jobs: fail loudly instead
+        logger.info("worker %s ready: engine %s", name, processor.status()[1])
+        run_procrastinate_worker(settings, store, workers, queue_status)
     finally:
+        http.stop()
         store.close()
     return 0
 

@@ -9,6 +9,9 @@
   where), ``POST /jobs/{id}/retry``.
 - ``GET /openapi.json``: the OpenAPI document (:mod:`service.openapi`).
 
+``unict-node serve`` and ``unict-node worker`` both serve this app, each with its own
+readiness checks (:mod:`service.readiness`), in a :class:`ServerThread`.
+
 Everything but ``/healthz`` and ``/readyz`` needs the bearer token when one is configured
 (always when the API listens beyond loopback; see :attr:`HttpSettings.token_required`).
 
@@ -23,12 +26,15 @@ import contextlib
 import hmac
 import logging
 import re
+import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import uvicorn
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,13 +42,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.config import Destination
+from service.config import Destination, HttpSettings
 from service.errors import IllegalTransition, JobNotFound
 from service.metrics import CONTENT_TYPE, TIMED_STAGES, NodeMetrics
 from service.openapi import MAX_JOB_ID, MAX_LIMIT, MAX_OFFSET, openapi_schema
 from service.store import JobRecord, JobState, JobStore
 
-__all__ = ["Check", "NodeStatus", "create_app", "job_detail"]
+__all__ = ["Check", "NodeStatus", "ServerThread", "api_token", "create_app", "job_detail"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +138,11 @@ def job_detail(job: JobRecord, destinations: Mapping[str, str] | None = None) ->
         for name, results in by_destination.items()
     ]
     return out
+
+
+def api_token(http: HttpSettings) -> str | None:
+    """The bearer token :func:`create_app` requires under `http` (``None``: none required)."""
+    return http.token.get_secret_value() if http.token_required else None
 
 
 def create_app(
@@ -288,3 +299,74 @@ def create_app(
         exception_handlers={HTTPException: http_error, SQLAlchemyError: store_down},
         lifespan=lifespan,
     )
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn in a daemon thread, with its own event loop.
+
+    uvicorn installs no signal handlers outside the main thread, so the process keeps its
+    own SIGTERM handling (``serve``'s, or procrastinate's in ``worker``).
+
+    Parameters
+    ----------
+    app
+        The application (:func:`create_app`).
+    host, port
+        Where to listen (port 0: any free port; :attr:`port` says which).
+    """
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        self.host = host
+        self._wanted_port = port
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start serving; return once the socket is bound.
+
+        Raises
+        ------
+        RuntimeError
+            The server could not bind (see the log) or did not start within `timeout`.
+        """
+        server = self._server
+
+        def serve() -> None:
+            try:
+                server.run()
+            except SystemExit:
+                # uvicorn exits the process when it cannot bind; here that ends only its
+                # thread, and start() reports it.
+                logger.error("HTTP API stopped at start-up")
+
+        thread = threading.Thread(target=serve, name="unict-http", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(
+                    f"HTTP API could not start on {self.host}:{self._wanted_port} (see the log)"
+                )
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError("HTTP API did not start in time")
+            time.sleep(0.01)
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        if self._thread is None or not self._server.servers:
+            raise RuntimeError("the HTTP API is not running")
+        sockets = self._server.servers[0].sockets
+        return int(sockets[0].getsockname()[1])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (requests in flight finish) and wait up to `timeout` for the thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+            self._thread = None

@@ -16,19 +16,15 @@ The processor is ``Callable[[ClaimedJob], ProcessOutcome]`` (see :mod:`service.w
 from __future__ import annotations
 
 import logging
-import shutil
-import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 
-import uvicorn
-
 from service.assembly import Assembler, CFindCounter, SeriesCounter
 from service.config import Settings
-from service.http import Check, create_app
+from service.http import Check, ServerThread, api_token, create_app
 from service.metrics import NodeMetrics
 from service.queue import apply_procrastinate_schema, queue_hook
+from service.readiness import database_check, spool_space_check, status_check
 from service.receiver import Receiver
 from service.retention import RetentionCleaner
 from service.sender import Sender
@@ -113,12 +109,13 @@ class Node:
         self.retention = RetentionCleaner(
             self._store, settings.storage.spool_dir, settings.retention
         )
-        token = settings.http.token.get_secret_value() if settings.http.token_required else None
         self.app = create_app(
-            self, token=token, metrics=self.metrics, destinations=settings.destinations
+            self,
+            token=api_token(settings.http),
+            metrics=self.metrics,
+            destinations=settings.destinations,
         )
-        self._http: uvicorn.Server | None = None
-        self._http_thread: threading.Thread | None = None
+        self._http: ServerThread | None = None
         self._started = False
 
     @property
@@ -152,7 +149,9 @@ class Node:
             if self.settings.retention.enabled:
                 self.retention.start()
             if http:
-                self._start_http()
+                server = ServerThread(self.app, self.settings.http.host, self.settings.http.port)
+                server.start()
+                self._http = server
         except BaseException:
             self.stop()
             raise
@@ -163,11 +162,8 @@ class Node:
         """Stop in reverse order: HTTP, listener, assembler, workers (running jobs finish),
         retention cleaner."""
         if self._http is not None:
-            self._http.should_exit = True
-            if self._http_thread is not None:
-                self._http_thread.join(timeout=10)
+            self._http.stop()
             self._http = None
-            self._http_thread = None
         self.receiver.stop()
         self.assembler.stop()
         self.workers.stop()
@@ -189,40 +185,6 @@ class Node:
     ) -> None:
         self.stop()
 
-    def _start_http(self, timeout: float = 10.0) -> None:
-        config = uvicorn.Config(
-            self.app,
-            host=self.settings.http.host,
-            port=self.settings.http.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-        server = uvicorn.Server(config)
-
-        def serve() -> None:
-            try:
-                server.run()
-            except SystemExit:
-                # uvicorn exits the process when it cannot bind; here that ends only its
-                # thread, and start() reports it.
-                logger.error("HTTP API stopped at start-up")
-
-        thread = threading.Thread(target=serve, name="unict-http", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError(
-                    f"HTTP API could not start on {self.settings.http.host}:"
-                    f"{self.settings.http.port} (see the log)"
-                )
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                raise RuntimeError("HTTP API did not start in time")
-            time.sleep(0.01)
-        self._http, self._http_thread = server, thread
-
     # ------------------------------------------------------------ status
 
     @property
@@ -233,10 +195,9 @@ class Node:
     @property
     def http_port(self) -> int:
         """The HTTP API's bound port."""
-        if self._http is None or not self._http.servers:
+        if self._http is None:
             raise RuntimeError("the HTTP API is not running")
-        sockets = self._http.servers[0].sockets
-        return int(sockets[0].getsockname()[1])
+        return self._http.port
 
     @property
     def listener_bound(self) -> bool:
@@ -250,17 +211,7 @@ class Node:
 
     def readiness(self) -> list[Check]:
         """Run the readiness checks (what ``/readyz`` reports)."""
-        checks: list[Check] = []
-        try:
-            self._store.ping()
-            checks.append(Check("database", True, "reachable"))
-        except Exception as exc:
-            checks.append(Check("database", False, f"unreachable: {type(exc).__name__}"))
-        try:
-            loaded, detail = self.engine_status()
-        except Exception as exc:
-            loaded, detail = False, f"engine status failed: {exc}"
-        checks.append(Check("engine", loaded, detail))
+        checks = [database_check(self._store), status_check("engine", self.engine_status)]
         if self.receiver.is_bound:
             host, port = self.receiver.address
             checks.append(
@@ -268,14 +219,7 @@ class Node:
             )
         else:
             checks.append(Check("dicom_listener", False, "not bound"))
-        floor = self.settings.storage.min_free_mb
-        try:
-            free_mb = shutil.disk_usage(self.settings.storage.spool_dir).free // 2**20
-            checks.append(
-                Check("spool_space", free_mb >= floor, f"{free_mb} MB free, floor {floor} MB")
-            )
-        except OSError as exc:
-            checks.append(Check("spool_space", False, f"spool unusable: {exc.strerror}"))
+        checks.append(spool_space_check(self.settings.storage))
         checks.append(
             Check(
                 "assembler",

@@ -22,6 +22,7 @@ deferred again). Deterministic output UIDs keep a re-run from sending new object
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 from importlib import resources
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TASK_NAME",
     "ProcrastinateQueue",
+    "QueueStatus",
     "apply_procrastinate_schema",
     "job_lock",
     "queue_hook",
@@ -188,11 +190,73 @@ async def _maintain(app: procrastinate.App, store: JobStore, queue: QueueSetting
         await asyncio.sleep(queue.maintenance_interval_s)
 
 
-def run_procrastinate_worker(settings: Settings, store: JobStore, workers: Workers) -> None:
+class QueueStatus:
+    """Readiness of a :func:`run_procrastinate_worker` (the ``queue`` check of ``/readyz``).
+
+    Ready while the procrastinate worker runs and its event loop gets a ``SELECT 1``
+    through procrastinate's own connection pool within `timeout` seconds: that checks the
+    queue's database connection and that the loop (heartbeat, job fetching) is not stuck.
+    :meth:`status` is called from other threads (the HTTP API's).
+
+    Parameters
+    ----------
+    queue_name
+        The procrastinate queue (``queue.name``), for the detail line.
+    timeout
+        Seconds the probe query may take.
+    """
+
+    def __init__(self, queue_name: str, timeout: float = 2.0) -> None:
+        self.queue_name = queue_name
+        self.timeout = timeout
+        self._app: procrastinate.App | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def running(self, app: procrastinate.App, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker runs on `loop` with `app` (its connector open)."""
+        self._app, self._loop = app, loop
+
+    def stopped(self) -> None:
+        """The worker stopped (or is stopping)."""
+        self._app, self._loop = None, None
+
+    def status(self) -> tuple[bool, str]:
+        """``(ready, detail)``: the worker runs and reaches PostgreSQL."""
+        app, loop = self._app, self._loop
+        if app is None or loop is None:
+            return False, f"procrastinate worker not running (queue {self.queue_name})"
+        query = app.connector.execute_query_one_async("SELECT 1 AS one")
+        try:
+            probe = asyncio.run_coroutine_threadsafe(query, loop)
+        except RuntimeError:  # the loop closed in between: the worker has stopped
+            query.close()
+            return False, f"procrastinate worker not running (queue {self.queue_name})"
+        try:
+            probe.result(self.timeout)
+        except concurrent.futures.TimeoutError:
+            probe.cancel()
+            return False, f"procrastinate did not answer within {self.timeout:g} s"
+        except Exception as exc:
+            return False, f"procrastinate connection failed: {type(exc).__name__}"
+        return True, f"procrastinate worker on queue {self.queue_name}"
+
+
+def run_procrastinate_worker(
+    settings: Settings,
+    store: JobStore,
+    workers: Workers,
+    status: QueueStatus | None = None,
+) -> None:
     """Run procrastinate workers for ``queue.name`` until SIGTERM or SIGINT.
 
     Each delivery runs :meth:`Workers.run_job` in a thread (``workers.count`` at once);
-    one background task does the stalled-job and lease maintenance.
+    one background task does the stalled-job and lease maintenance. On SIGTERM,
+    procrastinate stops fetching jobs and waits for the running ones, then this returns.
+
+    Parameters
+    ----------
+    status
+        Told when the worker runs and stops (the ``queue`` readiness check).
     """
     queue = settings.queue
     app = procrastinate_app(settings.database.url, settings.workers.count)
@@ -205,6 +269,8 @@ def run_procrastinate_worker(settings: Settings, store: JobStore, workers: Worke
     async def main() -> None:
         async with app.open_async():
             maintenance = asyncio.create_task(_maintain(app, store, queue))
+            if status is not None:
+                status.running(app, asyncio.get_running_loop())
             try:
                 await app.run_worker_async(
                     queues=[queue.name],
@@ -215,6 +281,8 @@ def run_procrastinate_worker(settings: Settings, store: JobStore, workers: Worke
                     delete_jobs="successful",
                 )
             finally:
+                if status is not None:
+                    status.stopped()
                 maintenance.cancel()
                 await asyncio.gather(maintenance, return_exceptions=True)
 

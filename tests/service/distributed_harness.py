@@ -104,15 +104,22 @@ def db_upgrade(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def unict_node(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    """Start ``unict-node ARGS`` with its output in `log`."""
+def unict_node(*args: str, log: Path, http_port: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``unict-node ARGS`` with its output in `log`.
+
+    `http_port` overrides the config's ``http.port`` (``UNICT_HTTP__PORT``): a worker
+    serves the HTTP API too, so processes sharing one config file need a port each.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if http_port is not None:
+        env["UNICT_HTTP__PORT"] = str(http_port)
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "service.cli", *args],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env=env,
         )
 
 

@@ -86,7 +86,13 @@ def test_two_receivers_two_workers_one_killed_every_study_back_once(
         for name in ("w0", "w1"):
             logs[name] = tmp_path / f"{name}.log"
             procs[name] = unict_node(
-                "worker", "--config", str(tmp_path / "r0.yaml"), "--name", name, log=logs[name]
+                "worker",
+                "--config",
+                str(tmp_path / "r0.yaml"),
+                "--name",
+                name,
+                log=logs[name],
+                http_port=free_port(),  # r0's config: its own HTTP port, not r0's
             )
 
         def all_ready() -> bool:

@@ -26,10 +26,12 @@ from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from service.config import Destination, Settings
+from service.config import Destination, Settings, StorageSettings
 from service.http import Check, create_app
 from service.metrics import TIMED_STAGES
 from service.node import Node
+from service.queue import QueueStatus
+from service.readiness import WorkerStatus
 from service.sender import SendResult
 from service.store import JobState, JobStore
 from service.worker import ClaimedJob, ProcessOutcome
@@ -104,6 +106,31 @@ def test_healthz_and_readyz(stub: StubNode) -> None:
     not_ready = client.get("/readyz")
     assert not_ready.status_code == 503
     assert not_ready.json()["checks"]["spool_space"]["ok"] is False
+
+
+def test_worker_readiness_names_database_engine_queue_and_spool_space(
+    sqlite_store: JobStore, tmp_path: Path
+) -> None:
+    # What `unict-node worker` serves, before its procrastinate worker runs (the whole
+    # process is tested against PostgreSQL in test_worker_http.py).
+    queue = QueueStatus("unict")
+
+    def engine() -> tuple[bool, str]:
+        raise RuntimeError("boom")
+
+    storage = StorageSettings(spool_dir=tmp_path, results_dir=tmp_path, min_free_mb=1)
+    client = Client(create_app(WorkerStatus(sqlite_store, engine, queue.status, storage)))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["database"] == {"ok": True, "detail": "reachable"}
+    assert checks["engine"] == {"ok": False, "detail": "engine status failed: boom"}
+    assert checks["queue"] == {
+        "ok": False,
+        "detail": "procrastinate worker not running (queue unict)",
+    }
+    assert checks["spool_space"]["ok"] is True
+    assert list(checks) == ["database", "engine", "queue", "spool_space"]
 
 
 def test_jobs_list_detail_and_retry(stub: StubNode) -> None:
