@@ -329,6 +329,16 @@ def test_helm_refuses_to_render_without_the_token() -> None:
     assert done.returncode != 0 and "set http.token" in done.stderr
 
 
+def test_helm_refuses_a_database_url_that_is_not_postgresql() -> None:
+    # The workers' queue (queue.backend: procrastinate) lives in the job store's database.
+    done = subprocess.run(
+        [helm(), "template", "unict", str(CHART), "--set", f"http.token={TOKEN}",
+         "--set", "database.url=sqlite:////var/lib/unict/unict.db"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "must be a PostgreSQL URL" in done.stderr
+
+
 def test_chart_renders_receiver_worker_service_config_and_secret(
     manifests: dict[tuple[str, str], dict[str, Any]],
 ) -> None:
@@ -366,7 +376,10 @@ def test_pods_probe_health_and_readiness_and_take_secrets_from_the_secret(
     for name, key in (("UNICT_HTTP__TOKEN", "http-token"), ("UNICT_DATABASE__URL", "database-url")):
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "unict-unict-node-secrets", "key": key}
-    assert c["args"][:2] == ["unict-node", "serve"]
+    # Receivers only receive (queue.backend: procrastinate); workers run the jobs, and
+    # answer the same probes from their own HTTP API.
+    command = {"receiver": "serve", "worker": "worker"}[role]
+    assert c["args"] == ["unict-node", command, "--config", "/etc/unict/config.yaml"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -385,8 +398,12 @@ def test_worker_requests_a_gpu_and_the_receiver_none(
     receiver = container(manifests["Deployment", "unict-unict-node-receiver"])
     assert "nvidia.com/gpu" not in json.dumps(receiver["resources"])
     assert receiver["image"] == "unict-node:cpu"
-    env = {e["name"]: e.get("value") for e in receiver["env"]}
-    assert env["UNICT_MODEL__ENGINES"] == "[onnxruntime, pytorch]"
+    # `serve` loads no model in procrastinate mode: no engine or worker count to set.
+    env = {e["name"] for e in receiver["env"]}
+    assert env == {"UNICT_HTTP__TOKEN", "UNICT_DATABASE__URL"}
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert worker_env["UNICT_MODEL__ENGINES"] == "[tensorrt, onnxruntime, pytorch]"
+    assert worker_env["UNICT_WORKERS__COUNT"] == "1"
 
 
 def test_service_targets_the_receivers_ports(
@@ -401,19 +418,24 @@ def test_service_targets_the_receivers_ports(
     assert named == {"dicom": 11112, "http": 8080}
 
 
+@pytest.mark.parametrize("role", ["receiver", "worker"])
 def test_configmap_is_a_valid_node_configuration(
-    manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
+    manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path, role: str
 ) -> None:
     text = manifests["ConfigMap", "unict-unict-node-config"]["data"]["config.yaml"]
     # As in the pods: the Secret's values and each role's overrides come from the environment.
-    receiver = container(manifests["Deployment", "unict-unict-node-receiver"])
-    overrides = {e["name"]: e["value"] for e in receiver["env"] if "value" in e}
+    pod = container(manifests["Deployment", f"unict-unict-node-{role}"])
+    overrides = {e["name"]: e["value"] for e in pod["env"] if "value" in e}
     env = {"UNICT_HTTP__TOKEN": TOKEN, "UNICT_DATABASE__URL": DB_URL, **overrides}
     settings = settings_from_text(text, tmp_path, env)
     assert settings.database.url == DB_URL
-    assert settings.model.engines == ("onnxruntime", "pytorch")
+    assert settings.queue.backend == "procrastinate"  # receivers and workers apart
+    assert settings.model.engines == ("tensorrt", "onnxruntime", "pytorch")
     assert (settings.dicom.port, settings.http.port) == (11112, 8080)
     assert str(settings.storage.spool_dir) == "/var/lib/unict/spool"
+    # The probes' named port is the HTTP API's, which both `serve` and `worker` serve.
+    named = {p["name"]: p["containerPort"] for p in pod["ports"]}
+    assert named["http"] == settings.http.port
 
 
 def test_values_referenced_by_the_templates_exist() -> None:
