@@ -128,7 +128,7 @@ class OnnxRuntimeEngine(Engine):
         x = np.ascontiguousarray(image, dtype=np.float32)[None]
         outputs = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         probs, seg, attention, memory = (np.asarray(o) for o in outputs)
-        tokens, text = self._report.generate(torch.from_numpy(memory))
+        tokens, text = self._report.generate(torch.from_numpy(memory), probs[0])
         return InferenceResult(
             probabilities=probs[0].astype(np.float32, copy=False),
             segmentation=seg[0].astype(np.float32, copy=False),

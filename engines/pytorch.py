@@ -17,9 +17,11 @@ from engines.base import Availability, Engine, InferenceResult
 from model.bundle import ModelBundle
 from model.network import UniCT
 from model.network.heads import ReportDecoder
+from model.network.unict import FINDINGS_SLOT
 from model.tokenizer import Tokenizer
 
 _REPORTER_PREFIX = "reporter."
+_FINDINGS_PREFIX = "findings_token."
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,10 +50,19 @@ class ReportGenerator:
         ``max_report_tokens``).
     """
 
-    def __init__(self, decoder: ReportDecoder, tokenizer: Tokenizer, max_len: int) -> None:
+    def __init__(
+        self,
+        decoder: ReportDecoder,
+        tokenizer: Tokenizer,
+        max_len: int,
+        findings: torch.nn.Linear | None = None,
+        thresholds: tuple[float, ...] = (),
+    ) -> None:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.findings = findings
+        self.thresholds = thresholds
 
     @classmethod
     def from_bundle(
@@ -72,12 +83,44 @@ class ReportGenerator:
             if k.startswith(_REPORTER_PREFIX)
         }
         decoder.load_state_dict(weights)
-        return cls(decoder.to(device).eval(), bundle.tokenizer, cfg.max_report_tokens)
+        findings = torch.nn.Linear(cfg.num_labels, cfg.d_model)
+        findings.load_state_dict(
+            {
+                k[len(_FINDINGS_PREFIX) :]: v.float()
+                for k, v in bundle.state_dict.items()
+                if k.startswith(_FINDINGS_PREFIX)
+            }
+        )
+        return cls(
+            decoder.to(device).eval(),
+            bundle.tokenizer,
+            cfg.max_report_tokens,
+            findings.to(device).eval(),
+            bundle.card.thresholds,
+        )
 
-    def generate(self, memory: torch.Tensor) -> tuple[tuple[int, ...], str]:
-        """Tokens (without BOS/EOS) and text for the first memory of a ``(B, M, d)`` batch."""
+    def generate(
+        self, memory: torch.Tensor, probabilities: npt.ArrayLike | None = None
+    ) -> tuple[tuple[int, ...], str]:
+        """Tokens (without BOS/EOS) and text for the first memory of a ``(B, M, d)`` batch.
+
+        With ``probabilities`` (the first case's ``(L,)``), the findings token is made from
+        the card's decisions (probability >= threshold) rather than the raw probabilities:
+        the text then states exactly the findings the SR reports as present, and the
+        decoder sees 0/1 findings as in training's teacher-forced batches.
+        """
         param = next(self.decoder.parameters())
         memory = memory.to(device=param.device, dtype=param.dtype)
+        if probabilities is not None and self.findings is not None and self.thresholds:
+            p = np.asarray(probabilities, dtype=np.float32).reshape(-1)
+            decided = torch.as_tensor(
+                (p >= np.asarray(self.thresholds, dtype=np.float32)).astype(np.float32),
+                device=param.device,
+            )
+            with torch.inference_mode():
+                token = self.findings(decided[None].to(param.dtype))
+            memory = memory[:1].clone()
+            memory[:, FINDINGS_SLOT] = token
         with torch.inference_mode():
             tokens = self.decoder.greedy(
                 memory, self.tokenizer.bos_id, self.tokenizer.eos_id, self.max_len
@@ -136,7 +179,11 @@ class PyTorchEngine(Engine):
         # The decoder keeps float32 weights: greedy decoding is cheap and FP16 could change
         # an argmax, i.e. the report, against the reference.
         self._report = ReportGenerator(
-            model.reporter, self.bundle.tokenizer, model.cfg.max_report_tokens
+            model.reporter,
+            self.bundle.tokenizer,
+            model.cfg.max_report_tokens,
+            model.findings_token,
+            self.bundle.card.thresholds,
         )
         if self.half:
             model.encoder.half()
@@ -163,8 +210,8 @@ class PyTorchEngine(Engine):
             x = x.half()
         with torch.inference_mode():
             out = self._forward(x)
-            tokens, text = self._report.generate(out.memory)
             probs = torch.sigmoid(out.cls_logits.float())[0].cpu().numpy()
+            tokens, text = self._report.generate(out.memory, probs)
             seg = torch.sigmoid(out.seg_logits.float())[0].cpu().numpy()
             attention = out.fusion_attention.float()[0].cpu().numpy()
         return InferenceResult(

@@ -556,8 +556,8 @@ class TensorRTEngine(Engine):
             if not context.execute_async_v3(worker.stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
             # Same stream: decoding starts when the visual path has finished, on the GPU.
-            tokens, text = self._report.generate(outputs["memory"].float())
             probs = outputs["cls_probs"][0].float().cpu().numpy()
+            tokens, text = self._report.generate(outputs["memory"].float(), probs)
             seg = outputs["seg_probs"][0].float().cpu().numpy()
             attention = outputs["fusion_attention"][0].float().cpu().numpy()
         return InferenceResult(

@@ -346,7 +346,9 @@ class TritonEngine(Engine):
             )
         # A copy: the response's arrays are read-only views of the HTTP body, which
         # torch.from_numpy warns about; the memory is small (a few hundred KB).
-        tokens, text = self._report.generate(torch.from_numpy(np.array(memory, dtype=np.float32)))
+        tokens, text = self._report.generate(
+            torch.from_numpy(np.array(memory, dtype=np.float32)), np.asarray(probs[0])
+        )
         return InferenceResult(
             probabilities=np.asarray(probs[0], dtype=np.float32),
             segmentation=np.asarray(seg[0], dtype=np.float32),

@@ -13,6 +13,10 @@ from model.network.encoder import CTScrollEncoder
 from model.network.fusion import MultiTaskFusion, TaskAdapters
 from model.network.heads import ClassificationHead, ReportDecoder, SegmentationDecoder
 
+#: Position of the findings token in :attr:`UniCTOutput.memory` (after the report and
+#: classification tokens): the report generator replaces it with the thresholded findings.
+FINDINGS_SLOT = 2
+
 
 class UniCTOutput(NamedTuple):
     """One forward pass.
