@@ -549,7 +549,7 @@ def export_bundle(
     )
     argv = list(getattr(args, "argv", []))
     command = "unict-node " + " ".join(
-        shlex.quote(a) for a in (argv if argv[:1] == ["train"] else ["train", *argv])
+        shlex.quote(a) for a in (argv if "train" in argv else ["train", *argv])
     )
     card = ModelCard(
         name=f"UniCT-{cfg.name}",
