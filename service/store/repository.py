@@ -667,23 +667,32 @@ class JobStore:
                 if found is None:
                     return None
                 job = found
-                self._transition(job, JobState.RUNNING, now)
-                job.attempts += 1
-                job.lease_owner = worker_id
-                job.lease_expires_at = now + timedelta(seconds=lease_s)
-                job.next_retry_at = None
-            series = session.get_one(Series, job.series_id)
-            logger.info(
-                "job %d claimed by %s (attempt %d/%d, series %s v%d)",
-                job.id,
-                worker_id,
-                job.attempts,
-                job.max_attempts,
-                series.series_instance_uid,
-                job.version,
-                extra={"job_id": job.id, "series_uid": series.series_instance_uid},
-            )
-            return JobRecord._from_rows(job, series)
+                self._take_lease(job, worker_id, lease_s, now)
+            return self._claimed(session, job, worker_id)
+
+    def _take_lease(self, job: Job, worker_id: str, lease_s: float, now: datetime) -> None:
+        """``QUEUED`` -> ``RUNNING`` with one more attempt, leased to ``worker_id``."""
+        self._transition(job, JobState.RUNNING, now)
+        job.attempts += 1
+        job.lease_owner = worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_s)
+        job.next_retry_at = None
+
+    @staticmethod
+    def _claimed(session: Session, job: Job, worker_id: str) -> JobRecord:
+        """The record of a job just leased, logged with its attempt and series."""
+        series = session.get_one(Series, job.series_id)
+        logger.info(
+            "job %d claimed by %s (attempt %d/%d, series %s v%d)",
+            job.id,
+            worker_id,
+            job.attempts,
+            job.max_attempts,
+            series.series_instance_uid,
+            job.version,
+            extra={"job_id": job.id, "series_uid": series.series_instance_uid},
+        )
+        return JobRecord._from_rows(job, series)
 
     def claim_job(self, job_id: int, worker_id: str, lease_s: float) -> JobRecord | None:
         """Take one given ``QUEUED`` job and lease it to `worker_id` (a queue delivered it).
@@ -705,23 +714,8 @@ class JobStore:
             job = session.scalars(stmt).first()
             if job is None:
                 return None
-            self._transition(job, JobState.RUNNING, now)
-            job.attempts += 1
-            job.lease_owner = worker_id
-            job.lease_expires_at = now + timedelta(seconds=lease_s)
-            job.next_retry_at = None
-            series = session.get_one(Series, job.series_id)
-            logger.info(
-                "job %d claimed by %s (attempt %d/%d, series %s v%d)",
-                job.id,
-                worker_id,
-                job.attempts,
-                job.max_attempts,
-                series.series_instance_uid,
-                job.version,
-                extra={"job_id": job.id, "series_uid": series.series_instance_uid},
-            )
-            return JobRecord._from_rows(job, series)
+            self._take_lease(job, worker_id, lease_s, now)
+            return self._claimed(session, job, worker_id)
 
     def job_instances(self, job_id: int) -> list[InstanceRecord]:
         """The instances of the series version a job analyses."""
