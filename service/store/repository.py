@@ -982,6 +982,12 @@ class JobStore:
                 raise IllegalTransition(
                     f"job {job_id} was superseded by job {job.superseded_by}; retry that one"
                 )
+            if job.state not in (JobState.FAILED, JobState.DONE):
+                # RUNNING -> QUEUED exists for expired leases, not for admins: re-queueing a
+                # running job would run it twice.
+                raise IllegalTransition(
+                    f"job {job_id} is {job.state.value}: only FAILED or DONE jobs can be retried"
+                )
             self._transition(job, JobState.QUEUED, now)
             job.attempts = 0
             job.next_retry_at = None

@@ -286,8 +286,11 @@ def test_admin_retry(store: JobStore) -> None:
     store.fail(job_id, "w1", stage="load", reason="bad geometry", retryable=False)
     job = store.retry(job_id)
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.error_reason is None
-    with pytest.raises(IllegalTransition, match="QUEUED to QUEUED"):
+    with pytest.raises(IllegalTransition, match="is QUEUED: only FAILED or DONE"):
         store.retry(job_id)
+    store.claim_next_job("w1", 30)
+    with pytest.raises(IllegalTransition, match="is RUNNING: only FAILED or DONE"):
+        store.retry(job_id)  # a running job is never re-queued by hand (it would run twice)
     with pytest.raises(JobNotFound):
         store.retry(999_999)
     assert store.get_job(999_999) is None
