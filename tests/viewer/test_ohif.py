@@ -474,7 +474,8 @@ def drawn_lesions(sr: pydicom.Dataset) -> list[DrawnLesion]:
 
 def line_coverage(screenshot: Path, view: dict[str, Any], points: npt.NDArray[np.float64]) -> float:
     """Fraction of the points along the SR's line, mapped to the page as OHIF maps image
-    coordinates, that have an annotation-green pixel within a pixel of the image."""
+    coordinates, that have an annotation pixel within a pixel of the image: green for the
+    measurement OHIF made active, yellow for the others on the same slice."""
     shot = np.asarray(Image.open(screenshot).convert("RGB"), dtype=np.int32)
     origin = np.array(view["origin"])
     axes = np.stack([np.array(view["column"]) - origin, np.array(view["row"]) - origin], 1)
@@ -482,7 +483,9 @@ def line_coverage(screenshot: Path, view: dict[str, Any], points: npt.NDArray[np
     # coordinates put (0, 0) at that pixel's centre: allow for either.
     radius = max(3.0, float(np.abs(axes).max()))
     red, green, blue = shot[..., 0], shot[..., 1], shot[..., 2]
-    annotation = (green >= 150) & (green - np.maximum(red, blue) >= 80)
+    active = (green >= 150) & (green - np.maximum(red, blue) >= 80)
+    other = (red >= 150) & (green >= 150) & (np.minimum(red, green) - blue >= 80)
+    annotation = active | other
     samples = 60
     hits = 0
     for t in np.linspace(0.0, 1.0, samples):
