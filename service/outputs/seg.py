@@ -11,7 +11,17 @@ the smallest that says the same thing: only the slices that hold a mask (when em
 frames are omitted), and a label-map style 3D array (one byte per voxel, each voxel the
 number of its segment) whenever the segments do not overlap, which avoids highdicom's
 slow path over a 4D stack of segments. Overlapping BINARY segments fall back to the 4D
-stack, cropped to the occupied slices.
+stack, cropped to the occupied slices. The array is painted from each mask's bounding
+box, so only the (small) lesions are copied, never whole slices.
+
+highdicom is given as source images only the instances of those slices, so it takes each
+frame's position, and its one Derivation Image reference, from its own slice without
+matching given positions against the whole series (its slow path when ``plane_positions``
+are passed: every source's geometry read twice and a frame-by-instance search). The
+references to the other (empty) slices are then added back as highdicom itself writes
+them (:func:`_reference_all_sources`), after the same checks highdicom makes on source
+images, so the SEG still references every source instance. The result is the same
+dataset as giving highdicom every source and the plane positions.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import format_number_as_ds
 
@@ -115,13 +126,35 @@ def _occupied_slices(masks: Sequence[npt.NDArray[np.bool_]]) -> npt.NDArray[np.b
     return occupied
 
 
-def _overlap(masks: Sequence[npt.NDArray[np.bool_]], planes: npt.NDArray[np.intp]) -> bool:
-    if len(masks) < 2:
-        return False
-    count = np.zeros((len(planes), *masks[0].shape[1:]), dtype=np.uint8)
-    for mask in masks:
-        count += mask[planes]
-    return bool((count > 1).any())
+class _Box:
+    """A mask cropped to its bounding box: ``crop`` is ``mask[slices, rows, columns]``."""
+
+    def __init__(self, mask: npt.NDArray[np.bool_]) -> None:
+        slices = np.nonzero(mask.any(axis=(1, 2)))[0]
+        block = mask[slices[0] : slices[-1] + 1]
+        rows = np.nonzero(block.any(axis=(0, 2)))[0]
+        columns = np.nonzero(block.any(axis=(0, 1)))[0]
+        self.slices = slices
+        self.rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        self.columns = slice(int(columns[0]), int(columns[-1]) + 1)
+        self.crop = mask[slices, self.rows, self.columns]
+
+
+def _paint(
+    labels: npt.NDArray[np.uint8],
+    boxes: Sequence[_Box],
+    frames: Sequence[npt.NDArray[np.intp]],
+    order: Sequence[int],
+) -> bool:
+    """Paint segment ``i + 1`` where mask ``i`` is set, in ``order``; whether any overlap."""
+    overlap = False
+    for i in order:
+        box = boxes[i]
+        region = labels[frames[i], box.rows, box.columns]
+        overlap = overlap or bool(region[box.crop].any())
+        region[box.crop] = i + 1
+        labels[frames[i], box.rows, box.columns] = region
+    return overlap
 
 
 def _pixel_array(
@@ -129,21 +162,66 @@ def _pixel_array(
     planes: npt.NDArray[np.intp],
     segmentation_type: hd.seg.SegmentationTypeValues,
 ) -> npt.NDArray[np.uint8]:
-    """Label-map style ``(n, H, W)`` array, or a ``(n, H, W, S)`` stack when BINARY segments overlap."""
-    overlap = _overlap(masks, planes)
-    if overlap and segmentation_type == hd.seg.SegmentationTypeValues.BINARY:
-        return np.stack([mask[planes] for mask in masks], axis=-1).astype(np.uint8)
+    """Label-map style ``(n, H, W)`` array, or a ``(n, H, W, S)`` stack when BINARY segments overlap.
+
+    ``planes`` are the source slices kept, ascending; every set voxel of every mask must
+    lie on one of them.
+    """
+    boxes = [_Box(mask) for mask in masks]
+    # Row of the output array of each slice of each box.
+    frames = [np.searchsorted(planes, box.slices) for box in boxes]
     labels = np.zeros((len(planes), *masks[0].shape[1:]), dtype=np.uint8)
-    if overlap:
-        # A label map holds one segment per pixel: paint the largest first so a small
-        # finding inside a large one (a nodule in a consolidation) stays visible.
-        logger.warning("findings overlap; the LABELMAP SEG shows the smaller one where they do")
-        order = sorted(range(len(masks)), key=lambda i: -int(masks[i].sum()))
-    else:
-        order = list(range(len(masks)))
-    for i in order:
-        labels[masks[i][planes]] = i + 1
+    if not _paint(labels, boxes, frames, range(len(masks))):
+        return labels
+    if segmentation_type == hd.seg.SegmentationTypeValues.BINARY:
+        stack = np.zeros((*labels.shape, len(masks)), dtype=np.uint8)
+        for i, box in enumerate(boxes):
+            stack[frames[i], box.rows, box.columns, i] = box.crop
+        return stack
+    # A label map holds one segment per pixel: paint the largest first so a small
+    # finding inside a large one (a nodule in a consolidation) stays visible.
+    logger.warning("findings overlap; the LABELMAP SEG shows the smaller one where they do")
+    labels[:] = 0
+    order = sorted(range(len(masks)), key=lambda i: -int(boxes[i].crop.sum()))
+    _paint(labels, boxes, frames, order)
     return labels
+
+
+def _reference_all_sources(seg: hd.seg.Segmentation, sources: Sequence[Dataset]) -> None:
+    """Source Image and Referenced Series Sequences over every source, in order.
+
+    highdicom was given only the sources of the kept frames; these are the items it
+    writes for each source image (:meth:`highdicom.image._Image._add_source_image_references`),
+    after the checks highdicom makes on its source images: one study, series, frame of
+    reference, matrix size and orientation. Raises ``ValueError`` when they differ.
+    """
+    first = sources[0]
+    keys = (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "Rows",
+        "Columns",
+        "ImageOrientationPatient",
+    )
+    expected = [first.get(key) for key in keys]
+    for ds in sources:
+        if [ds.get(key) for key in keys] != expected:
+            raise ValueError(
+                f"source instance {ds.SOPInstanceUID} is not of the same series, "
+                "frame of reference, matrix size and orientation as the others"
+            )
+    items = []
+    for ds in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        items.append(item)
+    seg.SourceImageSequence = items
+    (series,) = seg.ReferencedSeriesSequence
+    if series.SeriesInstanceUID != first.SeriesInstanceUID:
+        raise ValueError("the SEG references another series than its sources")
+    series.ReferencedInstanceSequence = items
 
 
 def build_seg(
@@ -210,19 +288,10 @@ def build_seg(
     else:
         planes = np.arange(volume.shape[0])
     pixel_array = _pixel_array(masks, planes, seg_type)
-    plane_positions = None
-    if len(planes) < volume.shape[0]:
-        plane_positions = [
-            hd.PlanePositionSequence(
-                coordinate_system=hd.CoordinateSystemNames.PATIENT,
-                image_position=[float(v) for v in volume.datasets[int(i)].ImagePositionPatient],
-            )
-            for i in planes
-        ]
 
     now = dt.datetime.now()
     seg = hd.seg.Segmentation(
-        source_images=list(volume.datasets),
+        source_images=[volume.datasets[int(i)] for i in planes],
         specific_character_set=output_character_set(volume.datasets[0]),
         pixel_array=pixel_array,
         segmentation_type=seg_type,
@@ -235,7 +304,6 @@ def build_seg(
         manufacturer_model_name=card.name,
         software_versions=card.version,
         device_serial_number=device_serial or default_device_serial(),
-        plane_positions=plane_positions,
         omit_empty_frames=omit_empty_frames,
         content_label="UNICT",
         content_description=f"{card.name} {card.version} findings. {card.clinical_use}"[:64],
@@ -249,6 +317,7 @@ def build_seg(
             contributing_equipment(card, "Segmentation of chest CT abnormalities")
         ],
     )
+    _reference_all_sources(seg, volume.datasets)
     _add_spacing_between_slices(seg, volume)
     logger.info(
         "built %s SEG %s: %d segment(s), %d frame(s) for series %s",

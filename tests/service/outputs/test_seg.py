@@ -236,3 +236,78 @@ def test_dcmqi_reads_the_seg_back_voxel_identical(phantom: AnalysedPhantom, tmp_
         read = np.zeros_like(mask)
         read[tuple(rounded)] = True
         np.testing.assert_array_equal(read, mask)
+
+
+def _boxes_analysis(
+    phantom: AnalysedPhantom, *, overlap: bool
+) -> tuple[AnalysisResult, list[npt.NDArray[np.bool_]]]:
+    """The two present findings with hand-drawn masks: the first in two blocks with
+    empty slices between them (slices 2-4 and 30-33), the second on slices 6-9, or
+    on slices 3-9 across the first one's block when ``overlap``."""
+    shape = phantom.volume.shape
+    first = np.zeros(shape, dtype=bool)
+    first[2:5, 20:40, 30:45] = True
+    first[30:34, 70:90, 60:70] = True
+    second = np.zeros(shape, dtype=bool)
+    if overlap:
+        second[3:10, 30:60, 40:80] = True
+    else:
+        second[6:10, 50:60, 90:110] = True
+    findings = list(phantom.analysis.findings)
+    present = [i for i, f in enumerate(findings) if f.present and f.mask is not None]
+    assert len(present) == 2
+    for i, mask in zip(present, (first, second), strict=True):
+        findings[i] = dataclasses.replace(findings[i], mask=mask)
+    return dataclasses.replace(phantom.analysis, findings=tuple(findings)), [first, second]
+
+
+@pytest.mark.parametrize(
+    ("overlap", "kind"), [(False, "BINARY"), (True, "BINARY"), (False, "LABELMAP")]
+)
+def test_fast_path_matches_plain_highdicom(
+    phantom: AnalysedPhantom, overlap: bool, kind: str
+) -> None:
+    """build_seg's shortcuts (bounding-box painting, only the occupied slices given to
+    highdicom as sources, references to the others added back) give the same SEG as a
+    plain highdicom call on the full 4D stack with every source: same frames, pixels,
+    per-frame positions and derivation references, and instance references."""
+    from service.outputs.seg import segment_descriptions, segmented_findings
+
+    analysis, masks = _boxes_analysis(phantom, overlap=overlap)
+    node = _build(phantom, analysis, segmentation_type=kind)
+    plain = hd.seg.Segmentation(
+        source_images=list(phantom.volume.datasets),
+        pixel_array=np.stack(masks, axis=-1).astype(np.uint8),
+        segmentation_type=kind,
+        segment_descriptions=segment_descriptions(segmented_findings(analysis), phantom.card),
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="x",
+        manufacturer_model_name="x",
+        software_versions="x",
+        device_serial_number="x",
+    )
+    assert int(node.NumberOfFrames) == int(plain.NumberOfFrames)
+    assert node.SegmentsOverlap == plain.SegmentsOverlap
+    assert node.PixelData == plain.PixelData
+    assert node.PerFrameFunctionalGroupsSequence == plain.PerFrameFunctionalGroupsSequence
+    assert node.SourceImageSequence == plain.SourceImageSequence
+    assert node.ReferencedSeriesSequence == plain.ReferencedSeriesSequence
+    read = _read_back_masks(write_and_read(node), phantom, 2)
+    np.testing.assert_array_equal(read, np.stack(masks))
+
+
+def test_sources_of_another_series_are_refused(phantom: AnalysedPhantom) -> None:
+    from service.outputs.seg import _reference_all_sources
+
+    seg = build_seg(
+        phantom.volume, phantom.analysis, phantom.card, series_number=1, series_description="x"
+    )
+    assert seg is not None
+    stranger = Dataset()
+    stranger.update(phantom.volume.datasets[-1])
+    stranger.SeriesInstanceUID = hd.UID()
+    with pytest.raises(ValueError, match="same series"):
+        _reference_all_sources(seg, [*phantom.volume.datasets[:-1], stranger])
