@@ -20,10 +20,14 @@ NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE. Research and engineering demonstra
 
 @dataclass(frozen=True)
 class LabelCard:
-    """One abnormality as the card carries it, with its decision threshold."""
+    """One abnormality as the card carries it, with its decision and mask thresholds."""
 
     abnormality: Abnormality
     threshold: float
+    """Probability at or above which the finding is reported present."""
+    mask_threshold: float = 0.5
+    """Voxel probability above which a voxel is in the finding's mask (tuned on validation
+    for the best Dice, like ``threshold`` for the best F1)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,11 @@ class ModelCard:
     def thresholds(self) -> tuple[float, ...]:
         """Per-class thresholds, in label order."""
         return tuple(lc.threshold for lc in self.labels)
+
+    @property
+    def mask_thresholds(self) -> tuple[float, ...]:
+        """Per-class voxel thresholds of the masks, in label order."""
+        return tuple(lc.mask_threshold for lc in self.labels)
 
     @property
     def abnormalities(self) -> tuple[Abnormality, ...]:
@@ -84,6 +93,7 @@ class ModelCard:
                     color_rgb=tuple(lc["abnormality"]["color_rgb"]),
                 ),
                 threshold=float(lc["threshold"]),
+                mask_threshold=float(lc.get("mask_threshold", 0.5)),
             )
             for lc in data["labels"]
         )
@@ -118,14 +128,14 @@ class ModelCard:
             "",
             "## Labels, codes and thresholds",
             "",
-            "| code | abnormality | concept | threshold | colour |",
-            "|---|---|---|---|---|",
+            "| code | abnormality | concept | threshold | mask threshold | colour |",
+            "|---|---|---|---|---|---|",
         ]
         for lc in self.labels:
             a = lc.abnormality
             lines.append(
                 f'| {a.code} | {a.name} | {a.concept.scheme} {a.concept.value} "{a.concept.meaning}" '
-                f"| {lc.threshold:.2f} | rgb{a.color_rgb} |"
+                f"| {lc.threshold:.2f} | {lc.mask_threshold:.2f} | rgb{a.color_rgb} |"
             )
         if self.metrics:
             lines += ["", "## Evaluation", "", "```json", json.dumps(self.metrics, indent=2), "```"]

@@ -53,7 +53,8 @@ class OutputOptions:
     min_lesion_ml
         Connected components smaller than this are dropped.
     mask_threshold
-        Probability above which a voxel is in a finding's mask.
+        Probability above which a voxel is in a finding's mask; ``None``: the model
+        card's per-class mask thresholds.
     sc_enabled, sc_series_number, sc_series_description, sc_max_images
         The optional key-image series (Secondary Capture, findings burned in).
     """
@@ -66,7 +67,7 @@ class OutputOptions:
     omit_empty_frames: bool = True
     device_serial: str = ""
     min_lesion_ml: float = 0.05
-    mask_threshold: float = 0.5
+    mask_threshold: float | None = None
     sc_enabled: bool = False
     sc_series_number: int = 9903
     sc_series_description: str = "UniCT key images (research)"

@@ -369,7 +369,7 @@ def postprocess(
     card: ModelCard,
     *,
     min_lesion_ml: float = 0.05,
-    mask_threshold: float = 0.5,
+    mask_threshold: float | None = None,
 ) -> AnalysisResult:
     """Decide, segment and measure every abnormality of the card.
 
@@ -386,7 +386,8 @@ def postprocess(
     min_lesion_ml
         Components smaller than this (mL) are dropped as noise.
     mask_threshold
-        Probability above which a voxel belongs to the mask.
+        Probability above which a voxel belongs to the mask, for every class; ``None``
+        (default): each label's ``mask_threshold`` from the card.
 
     Returns
     -------
@@ -417,8 +418,9 @@ def postprocess(
         mask: BoolArray | None = None
         lesions: tuple[LesionMeasurement, ...] = ()
         if present:
+            voxel_threshold = label.mask_threshold if mask_threshold is None else mask_threshold
             resampled = _probability_on_source(
-                segmentation[index], model_input, volume, mask_threshold
+                segmentation[index], model_input, volume, voxel_threshold
             )
             if resampled is not None:
                 box, probability_box = resampled
@@ -426,7 +428,12 @@ def postprocess(
                     midline = _midline_x(volume)
                 origin = (box[0].start, box[1].start, box[2].start)
                 box_mask, lesions = _lesions(
-                    probability_box > mask_threshold, origin, index, volume, min_lesion_ml, midline
+                    probability_box > voxel_threshold,
+                    origin,
+                    index,
+                    volume,
+                    min_lesion_ml,
+                    midline,
                 )
                 if lesions:
                     mask = np.zeros(volume.shape, dtype=bool)

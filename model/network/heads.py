@@ -50,11 +50,41 @@ class UpStage(nn.Module):
         return out
 
 
+class TripletContext(nn.Module):
+    """3D context for a per-triplet skip map: a convolution across neighbouring triplets.
+
+    The ResNet sees one triplet (3 slices) at a time, so a nodule and the cross-section of
+    a vessel running through the slab look alike in 2D; whether the structure goes on in
+    the triplets above and below tells them apart. ``(B*T, C, h, w)`` maps are viewed as
+    ``(B, C, T, h, w)``, convolved (``kernel`` over triplets, height, width), ReLU, a 1x1x1
+    projection initialised to zero, and added back: a new context starts as the identity,
+    so it can be added to a trained model without changing its output.
+    """
+
+    def __init__(self, channels: int, kernel: tuple[int, int, int]) -> None:
+        super().__init__()
+        padding = (kernel[0] // 2, kernel[1] // 2, kernel[2] // 2)
+        self.mix = nn.Conv3d(channels, channels, kernel, padding=padding)
+        self.project = nn.Conv3d(channels, channels, 1)
+        nn.init.zeros_(self.project.weight)
+        assert self.project.bias is not None
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, x: Tensor, triplets: int) -> Tensor:
+        bt, c, h, w = x.shape
+        v = x.reshape(bt // triplets, triplets, c, h, w).transpose(1, 2)
+        y = self.project(F.relu(self.mix(v)))
+        out: Tensor = x + y.transpose(1, 2).reshape(bt, c, h, w)
+        return out
+
+
 class SegmentationDecoder(nn.Module):
     """A 2D U-Net decoder per triplet on the ResNet stages, conditioned on the fused seg token.
 
     The bottleneck gets the triplet's scrolled slice token (3D context along the body axis)
-    and FiLM from the segmentation token; every up-stage is modulated too. The output is
+    and FiLM from the segmentation token; every up-stage is modulated too. The two finest
+    skips (stem and first ResNet stage) get :class:`TripletContext` from the neighbouring
+    triplets, the voxel-level 3D context the small findings need. The output is
     ``3 slices x num_labels`` channels per triplet at half the input resolution, upsampled
     to the input size and reassembled into ``(B, num_labels, D, H, W)`` logits.
     """
@@ -66,6 +96,8 @@ class SegmentationDecoder(nn.Module):
         c0, c1, c2, c3 = widths[0], widths[0], widths[1], widths[2]
         c4 = widths[3]
         self.num_labels = num_labels
+        self.stem_context = TripletContext(c0, (3, 1, 1))
+        self.l1_context = TripletContext(c1, (3, 3, 3))
         self.token_to_map = nn.Linear(dim, c4)
         self.bottleneck_film = FiLM(dim, c4, modulation)
         self.up3 = UpStage(c4, c3, c3, dim, modulation)
@@ -92,6 +124,14 @@ class SegmentationDecoder(nn.Module):
         dense loss on a sample of triplets, as patch-based trainers do); ``D`` is then
         ``3 K`` in that order.
         """
+        t_all = slice_tokens.shape[1]
+        skips = (
+            self.stem_context(skips[0], t_all),
+            self.l1_context(skips[1], t_all),
+            skips[2],
+            skips[3],
+            skips[4],
+        )
         if triplets is not None:
             b, t, _ = slice_tokens.shape
             flat = (triplets + torch.arange(b, device=triplets.device)[:, None] * t).flatten()

@@ -2,7 +2,8 @@
 
 Classification: per-class and macro F1 (at the card's thresholds), AUROC and average
 precision. Segmentation: Dice per class on the model grid over the cases where the
-finding is present (prediction: probability > 0.5), and their mean. Reports: BLEU-4,
+finding is present (prediction: probability above the card's mask threshold of the class),
+and their mean. Reports: BLEU-4,
 ROUGE-L, and clinical-efficacy F1 (each finding read back from the generated text with
 :func:`model.phantom.read_findings`, compared with the truth). Also the fusion attention
 matrix averaged over cases.
@@ -84,6 +85,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     engine.load()
     keys = [lc.abnormality.key for lc in card.labels]
     thresholds = np.array(card.thresholds)
+    mask_thresholds = card.mask_thresholds
     seeds = range(args.seed, args.seed + args.cases)
     started = time.perf_counter()
     probs, truth, read_back, attention = [], [], [], []
@@ -101,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             read_back.append(read_findings(result.report_text))
             attention.append(result.fusion_attention)
             for c in np.flatnonzero(case.present):
-                dices[c].append(dice(result.segmentation[c] > 0.5, case.masks[c]))
+                dices[c].append(dice(result.segmentation[c] > mask_thresholds[c], case.masks[c]))
             ref, hyp = split_words(case.report), split_words(result.report_text)
             refs.append(ref)
             hyps.append(hyp)
@@ -112,6 +114,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         key: {
             "positives": int(t[:, c].sum()),
             "threshold": float(thresholds[c]),
+            "mask_threshold": float(mask_thresholds[c]),
             "f1": f1_score(t[:, c], pred[:, c]),
             "auroc": auroc(t[:, c], p[:, c]),
             "average_precision": average_precision(t[:, c], p[:, c]),

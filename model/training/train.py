@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -240,6 +241,44 @@ def tune_thresholds(
     return tuple(out)
 
 
+#: Voxel thresholds tried for each class's mask (:func:`tune_mask_thresholds`).
+MASK_THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+@torch.no_grad()
+def tune_mask_thresholds(model: UniCT, dataset: CaseDataset) -> tuple[float, ...]:
+    """Per-class voxel threshold maximising the mean Dice over present findings on
+    validation (0.5 for a class never present), from :data:`MASK_THRESHOLD_GRID`.
+
+    The foreground weight of the segmentation loss shifts the probabilities a model
+    gives, so 0.5 is not the best cut for every class; like the decision thresholds,
+    these are chosen on validation and carried in the card.
+    """
+    model.eval()
+    grid = torch.tensor(MASK_THRESHOLD_GRID)
+    scores: list[list[npt.NDArray[np.float64]]] = [[] for _ in range(model.cfg.num_labels)]
+    for i in range(len(dataset)):
+        item = dataset[i]
+        prob = torch.sigmoid(model(item["image"][None]).seg_logits[0].float())
+        for c in np.flatnonzero(item["present"].numpy() > 0.5):
+            truth = item["masks"][c] > 0.5
+            if not bool(truth.any()):
+                continue
+            pred = prob[c][None] > grid[:, None, None, None]
+            inter = (pred & truth[None]).flatten(1).sum(1).double()
+            total = pred.flatten(1).sum(1).double() + float(truth.sum())
+            scores[c].append((2 * inter / total).numpy())
+    model.train()
+    out = []
+    for per_case in scores:
+        if not per_case:
+            out.append(0.5)
+            continue
+        mean = np.mean(per_case, axis=0)
+        out.append(float(MASK_THRESHOLD_GRID[int(np.argmax(mean))]))
+    return tuple(out)
+
+
 def train(args: argparse.Namespace) -> TrainResult:
     """Run (or resume) a training run as described by parsed ``train`` arguments."""
     cfg = config_from_args(args)
@@ -328,7 +367,10 @@ def train(args: argparse.Namespace) -> TrainResult:
     )
     # channels_last runs the 2D convolutions of the triplet ResNet and decoder about 1.2x
     # faster on CPU (oneDNN); the weights are saved contiguous (export_bundle).
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # (4D weights only: the 3D convolutions of the triplet context keep their layout).
+    for parameter in model.parameters():
+        if parameter.dim() == 4:
+            parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
     sampler = np.random.default_rng(args.seed + step)
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress)
@@ -412,7 +454,14 @@ def train(args: argparse.Namespace) -> TrainResult:
     thresholds = tune_thresholds(*_predict(model, val_set))
     bundle_dir = None
     if args.export is not None:
-        bundle_dir = export_bundle(model, cfg, tokenizer, thresholds, args.export, args)
+        mask_thresholds = (
+            tune_mask_thresholds(model, val_set)
+            if cfg.ablation.segmentation_supervision
+            else (0.5,) * cfg.num_labels
+        )
+        bundle_dir = export_bundle(
+            model, cfg, tokenizer, thresholds, args.export, args, mask_thresholds
+        )
     return TrainResult(run_dir, step, seconds, running, thresholds, bundle_dir)
 
 
@@ -534,6 +583,7 @@ def export_bundle(
     thresholds: tuple[float, ...],
     directory: Path,
     args: argparse.Namespace,
+    mask_thresholds: tuple[float, ...] | None = None,
 ) -> Path:
     """Write weights (float16), tokenizer and model card into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -544,8 +594,10 @@ def export_bundle(
     }
     torch.save({"model": state}, weights)
     tokenizer.save(directory / "tokenizer.json")
+    masks = mask_thresholds or (0.5,) * len(thresholds)
     labels = tuple(
-        replace(lc, threshold=t) for lc, t in zip(default_labels(), thresholds, strict=True)
+        replace(lc, threshold=t, mask_threshold=m)
+        for lc, t, m in zip(default_labels(), thresholds, masks, strict=True)
     )
     argv = list(getattr(args, "argv", []))
     command = "unict-node " + " ".join(

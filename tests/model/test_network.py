@@ -184,3 +184,37 @@ def test_classification_reads_segmentation_only_when_it_is_supervised() -> None:
             model.segmenter.out.bias += 3.0
             after = model(volume).cls_logits
         assert torch.allclose(before, after) is not supervised
+
+
+def test_triplet_context_starts_as_identity_and_reaches_the_neighbours() -> None:
+    """A new context leaves a trained decoder's input unchanged; once trained, what is in
+    the triplet above changes a triplet's features (the 3D context nodules need)."""
+    from model.network.heads import TripletContext
+
+    torch.manual_seed(0)
+    context = TripletContext(4, (3, 3, 3))
+    maps = torch.randn(2 * 5, 4, 8, 8)  # 2 volumes of 5 triplets
+    assert torch.equal(context(maps, 5), maps)
+    torch.nn.init.normal_(context.project.weight)
+    changed = maps.clone()
+    changed[2] += 1.0  # volume 0, triplet 2
+    delta = (context(changed, 5) - context(maps, 5)).abs().amax(dim=(1, 2, 3))
+    assert delta[1] > 0 and delta[3] > 0  # its neighbours see it
+    assert delta[0] == 0 and delta[4] == 0  # two triplets away: out of reach
+    assert torch.all(delta[5:] == 0)  # the other volume does not
+
+
+def test_sampled_triplets_keep_the_context_of_unsampled_neighbours() -> None:
+    """With the triplet context trained (non-zero), decoding a sample of triplets still
+    gives the full decode's values: the context is computed over every triplet first."""
+    torch.manual_seed(1)
+    model = UniCT(tiny(SMALL), VOCAB).eval()
+    for context in (model.segmenter.stem_context, model.segmenter.l1_context):
+        torch.nn.init.normal_(context.project.weight, std=0.1)
+    volume = torch.randn(1, 12, 64, 64)
+    chosen = torch.tensor([[1, 3]])
+    with torch.no_grad():
+        full = model(volume, full_resolution_seg=False).seg_logits
+        part = model(volume, full_resolution_seg=False, seg_triplets=chosen).seg_logits
+    slices = torch.tensor([3, 4, 5, 9, 10, 11])
+    assert torch.allclose(part[0], full[0][:, slices], atol=1e-4)

@@ -196,3 +196,29 @@ def test_shapes_must_match_the_card(axial: tuple[SourceVolume, ModelInput]) -> N
             volume,
             CARD,
         )
+
+
+def test_masks_follow_the_cards_per_class_mask_threshold(
+    axial: tuple[SourceVolume, ModelInput],
+) -> None:
+    """A card's mask threshold for one class cuts that class's mask there (the others keep
+    theirs); an explicit ``mask_threshold`` overrides every class."""
+    volume, model_input = axial
+    labels = tuple(
+        dataclasses.replace(lc, mask_threshold=0.75) if i == NODULE.label_index else lc
+        for i, lc in enumerate(CARD.labels)
+    )
+    card = dataclasses.replace(CARD, labels=labels)
+    assert card.mask_thresholds[NODULE.label_index] == 0.75
+    result = fake_result(model_input, (NODULE, GGO))
+    tuned = postprocess(result, model_input, volume, card)
+    default = postprocess(result, model_input, volume, CARD)
+    overridden = postprocess(result, model_input, volume, card, mask_threshold=0.5)
+
+    def volume_ml(analysis: AnalysisResult, index: int) -> float:
+        return sum(lesion.volume_ml for lesion in analysis.findings[index].lesions)
+
+    # The test head's probability is 0.5 on the sphere's surface and rises inwards.
+    assert volume_ml(tuned, NODULE.label_index) < 0.8 * volume_ml(default, NODULE.label_index)
+    assert volume_ml(tuned, GGO.label_index) == volume_ml(default, GGO.label_index)
+    assert volume_ml(overridden, NODULE.label_index) == volume_ml(default, NODULE.label_index)
