@@ -178,11 +178,12 @@ def test_output_options_are_validated(kwargs: dict[str, object], message: str) -
 
 
 @pytest.mark.slow
-def test_performance_300_slices_of_512(tmp_path: Path) -> None:
-    """The budgets on a full-size series: load < 2 s, postprocess < 1.5 s, SEG < 3 s.
+def test_a_full_size_series_goes_through_load_postprocess_and_outputs(tmp_path: Path) -> None:
+    """A 300-slice 512x512 series (shuffled files): loaded, post-processed, SEG and SR built.
 
-    Each stage is timed as the lesser of wall and CPU time, so neither a busy shared
-    machine (wall) nor multi-threaded numerics (CPU) decide the result by accident.
+    Only correctness is asserted; the stage times are printed for the log. Speed is
+    measured in ``bench/`` (``bench_encode``, ``bench_turnaround``; BENCHMARKS.md), not
+    asserted here, where a busy CI machine would decide the result.
     """
     affine = axial_affine(spacing=(1.0, 0.7, 0.7), origin=(-178.85, -178.85, -150.0))
     hu = np.full((300, 512, 512), -850, dtype=np.int16)
@@ -191,6 +192,7 @@ def test_performance_300_slices_of_512(tmp_path: Path) -> None:
     )
     del hu
     volume, load_s = _timed(lambda: load_series(paths))
+    assert volume.shape == (300, 512, 512)
     card = make_card()
     model_input = preprocess_stage(volume, card)
     spheres = (
@@ -200,18 +202,22 @@ def test_performance_300_slices_of_512(tmp_path: Path) -> None:
     )
     result = fake_result(model_input, spheres)
     analysis, post_s = _timed(lambda: postprocess(result, model_input, volume, card))
-    assert len(analysis.present) == 3
+    assert [f.abnormality.key for f in analysis.present] == [
+        "consolidation",
+        "ground_glass_opacity",
+        "nodule",
+    ]
     seg, seg_s = _timed(
         lambda: build_seg(volume, analysis, card, series_number=1, series_description="perf")
     )
     assert seg is not None
-    _, sr_s = _timed(
+    assert len(seg.SegmentSequence) == 3
+    assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == 300
+    sr, sr_s = _timed(
         lambda: build_sr(volume, analysis, seg, card, series_number=2, series_description="perf")
     )
+    assert sr.SOPInstanceUID != seg.SOPInstanceUID
     print(f"load {load_s:.2f} s, postprocess {post_s:.2f} s, SEG {seg_s:.2f} s, SR {sr_s:.2f} s")
-    assert load_s < 2.0
-    assert post_s < 1.5
-    assert seg_s < 3.0
 
 
 def _timed(work: Callable[[], T]) -> tuple[T, float]:
