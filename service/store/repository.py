@@ -287,6 +287,28 @@ def create_store_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _instance_columns(series_id: int, rec: ReceivedInstance, now: datetime) -> dict[str, Any]:
+    """The ``instances`` row of a received instance in series version ``series_id``."""
+    return {
+        "series_id": series_id,
+        "sop_instance_uid": rec.sop_instance_uid,
+        "sop_class_uid": rec.sop_class_uid,
+        "path": str(rec.path),
+        "size": rec.size,
+        "sha256": rec.sha256,
+        "received_at": now,
+        "header": dict(rec.header),
+    }
+
+
+def _expected_count_update(rec: ReceivedInstance, count_source: str | None) -> dict[str, Any]:
+    """The series columns an instance's Images in Acquisition sets: none when it has no
+    count, or when the count came from the sender's C-FIND (which takes precedence)."""
+    if rec.expected_count is None or count_source == "C-FIND":
+        return {}
+    return {"expected_count": rec.expected_count, "expected_count_source": "ImagesInAcquisition"}
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -435,26 +457,16 @@ class JobStore:
             return RecordResult(RecordOutcome.DUPLICATE, series_id, version, job_id)
         if stored_sha is not None or not receiving:
             return None
+        session.execute(insert(Instance).values(**_instance_columns(series_id, rec, now)))
         session.execute(
-            insert(Instance).values(
-                series_id=series_id,
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                path=str(rec.path),
-                size=rec.size,
-                sha256=rec.sha256,
-                received_at=now,
-                header=dict(rec.header),
+            update(Series)
+            .where(Series.id == series_id)
+            .values(
+                instance_count=Series.instance_count + 1,
+                last_received_at=now,
+                **_expected_count_update(rec, count_source),
             )
         )
-        changes: dict[str, Any] = {
-            "instance_count": Series.instance_count + 1,
-            "last_received_at": now,
-        }
-        if rec.expected_count is not None and count_source != "C-FIND":
-            changes["expected_count"] = rec.expected_count
-            changes["expected_count_source"] = "ImagesInAcquisition"
-        session.execute(update(Series).where(Series.id == series_id).values(**changes))
         return RecordResult(RecordOutcome.STORED, series_id, version, job_id)
 
     def _record(self, session: Session, rec: ReceivedInstance, now: datetime) -> RecordResult:
@@ -567,23 +579,11 @@ class JobStore:
     def _add_instance(
         session: Session, series: Series, rec: ReceivedInstance, now: datetime
     ) -> None:
-        session.add(
-            Instance(
-                series_id=series.id,
-                sop_instance_uid=rec.sop_instance_uid,
-                sop_class_uid=rec.sop_class_uid,
-                path=str(rec.path),
-                size=rec.size,
-                sha256=rec.sha256,
-                received_at=now,
-                header=dict(rec.header),
-            )
-        )
+        session.add(Instance(**_instance_columns(series.id, rec, now)))
         series.instance_count += 1
         series.last_received_at = now
-        if rec.expected_count is not None and series.expected_count_source != "C-FIND":
-            series.expected_count = rec.expected_count
-            series.expected_count_source = "ImagesInAcquisition"
+        for name, value in _expected_count_update(rec, series.expected_count_source).items():
+            setattr(series, name, value)
 
     # ----------------------------------------------------------------- assembly
 
