@@ -3,10 +3,9 @@
 Classification: per-class and macro F1 (at the card's thresholds), AUROC and average
 precision. Segmentation: Dice per class on the model grid over the cases where the
 finding is present (prediction: probability above the card's mask threshold of the class),
-and their mean. Reports: BLEU-4,
-ROUGE-L, and clinical-efficacy F1 (each finding read back from the generated text with
-:func:`model.phantom.read_findings`, compared with the truth). Also the fusion attention
-matrix averaged over cases.
+and their mean. Reports: BLEU-4, ROUGE-L, and clinical-efficacy F1 (each finding read
+back from the generated text with :func:`model.phantom.read_findings`, compared with the
+truth). Also the fusion attention matrix averaged over cases.
 """
 
 from __future__ import annotations

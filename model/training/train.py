@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -255,19 +254,14 @@ def tune_mask_thresholds(model: UniCT, dataset: CaseDataset) -> tuple[float, ...
     these are chosen on validation and carried in the card.
     """
     model.eval()
-    grid = torch.tensor(MASK_THRESHOLD_GRID)
-    scores: list[list[npt.NDArray[np.float64]]] = [[] for _ in range(model.cfg.num_labels)]
+    scores: list[list[list[float]]] = [[] for _ in range(model.cfg.num_labels)]
     for i in range(len(dataset)):
         item = dataset[i]
-        prob = torch.sigmoid(model(item["image"][None]).seg_logits[0].float())
+        prob = torch.sigmoid(model(item["image"][None]).seg_logits[0].float()).numpy()
+        masks = item["masks"].numpy() > 0.5
         for c in np.flatnonzero(item["present"].numpy() > 0.5):
-            truth = item["masks"][c] > 0.5
-            if not bool(truth.any()):
-                continue
-            pred = prob[c][None] > grid[:, None, None, None]
-            inter = (pred & truth[None]).flatten(1).sum(1).double()
-            total = pred.flatten(1).sum(1).double() + float(truth.sum())
-            scores[c].append((2 * inter / total).numpy())
+            if masks[c].any():
+                scores[c].append([dice(prob[c] > t, masks[c]) for t in MASK_THRESHOLD_GRID])
     model.train()
     out = []
     for per_case in scores:
@@ -455,9 +449,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     bundle_dir = None
     if args.export is not None:
         mask_thresholds = (
-            tune_mask_thresholds(model, val_set)
-            if cfg.ablation.segmentation_supervision
-            else (0.5,) * cfg.num_labels
+            tune_mask_thresholds(model, val_set) if cfg.ablation.segmentation_supervision else None
         )
         bundle_dir = export_bundle(
             model, cfg, tokenizer, thresholds, args.export, args, mask_thresholds
@@ -585,7 +577,8 @@ def export_bundle(
     args: argparse.Namespace,
     mask_thresholds: tuple[float, ...] | None = None,
 ) -> Path:
-    """Write weights (float16), tokenizer and model card into ``directory``."""
+    """Write weights (float16), tokenizer and model card into ``directory``; the card's
+    mask thresholds are ``mask_thresholds``, or 0.5 for every class when ``None``."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"unict-{cfg.name}.pt"
     state = {
