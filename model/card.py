@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import UniCTConfig
-from model.labels import DEFAULT_LABELS, Abnormality, CodedConcept
+from model.labels import DEFAULT_LABELS, Abnormality, CodedConcept, default_abnormality
 
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE. Research and engineering demonstration only."
 
@@ -85,13 +85,7 @@ class ModelCard:
             raise ValueError(f"model card has unknown keys: {sorted(extra)}")
         labels = tuple(
             LabelCard(
-                abnormality=Abnormality(
-                    code=lc["abnormality"]["code"],
-                    key=lc["abnormality"]["key"],
-                    name=lc["abnormality"]["name"],
-                    concept=CodedConcept(**lc["abnormality"]["concept"]),
-                    color_rgb=tuple(lc["abnormality"]["color_rgb"]),
-                ),
+                abnormality=_abnormality(lc["abnormality"]),
                 threshold=float(lc["threshold"]),
                 mask_threshold=float(lc.get("mask_threshold", 0.5)),
             )
@@ -128,14 +122,14 @@ class ModelCard:
             "",
             "## Labels, codes and thresholds",
             "",
-            "| code | abnormality | concept | threshold | mask threshold | colour |",
-            "|---|---|---|---|---|---|",
+            "| code | abnormality | concept | reported as | threshold | mask threshold | colour |",
+            "|---|---|---|---|---|---|---|",
         ]
         for lc in self.labels:
             a = lc.abnormality
             lines.append(
                 f'| {a.code} | {a.name} | {a.concept.scheme} {a.concept.value} "{a.concept.meaning}" '
-                f"| {lc.threshold:.2f} | {lc.mask_threshold:.2f} | rgb{a.color_rgb} |"
+                f"| {_reported_as(a)} | {lc.threshold:.2f} | {lc.mask_threshold:.2f} | rgb{a.color_rgb} |"
             )
         if self.metrics:
             lines += ["", "## Evaluation", "", "```json", json.dumps(self.metrics, indent=2), "```"]
@@ -149,6 +143,42 @@ class ModelCard:
     def load(cls, path: Path) -> ModelCard:
         """Read a card written by :meth:`save`."""
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _reported_as(a: Abnormality) -> str:
+    if a.pattern == "diffuse":
+        return f"extent ({a.site})"
+    sizes = [f">= {a.min_diameter_mm:g} mm"] if a.min_diameter_mm else []
+    sizes += [f">= {a.min_volume_ml:g} mL"] if a.min_volume_ml else []
+    return f"lesions ({a.site}{', ' + ', '.join(sizes) if sizes else ''})"
+
+
+def _abnormality(data: dict[str, Any]) -> Abnormality:
+    """An abnormality of a card; cards written before ``pattern``, ``site`` and the minimum
+    sizes existed take them from the default label of the same key (else focal, lung)."""
+    default = default_abnormality(data["key"])
+    fallback = {
+        "pattern": default.pattern if default else "focal",
+        "site": default.site if default else "lung",
+        "min_diameter_mm": default.min_diameter_mm if default else 0.0,
+        "min_volume_ml": default.min_volume_ml if default else 0.0,
+    }
+    pattern, site = data.get("pattern", fallback["pattern"]), data.get("site", fallback["site"])
+    if pattern not in ("focal", "diffuse"):
+        raise ValueError(f"label {data['key']!r}: pattern must be focal or diffuse, not {pattern!r}")
+    if site not in ("lung", "pleura"):
+        raise ValueError(f"label {data['key']!r}: site must be lung or pleura, not {site!r}")
+    return Abnormality(
+        code=data["code"],
+        key=data["key"],
+        name=data["name"],
+        concept=CodedConcept(**data["concept"]),
+        color_rgb=tuple(data["color_rgb"]),
+        pattern=pattern,
+        site=site,
+        min_diameter_mm=float(data.get("min_diameter_mm", fallback["min_diameter_mm"])),
+        min_volume_ml=float(data.get("min_volume_ml", fallback["min_volume_ml"])),
+    )
 
 
 def default_labels(threshold: float = 0.5) -> tuple[LabelCard, ...]:

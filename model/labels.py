@@ -9,6 +9,10 @@ change; :data:`DEFAULT_LABELS` is what a newly trained model's card starts from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Pattern = Literal["focal", "diffuse"]
+Site = Literal["lung", "pleura"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,13 @@ class Abnormality:
         The finding's coded concept (SNOMED CT where one exists, else DICOM DCM).
     color_rgb
         Display colour recommended for the SEG segment.
+    pattern
+        ``"focal"``: reported as lesions (connected components, each measured);
+        ``"diffuse"``: reported as one extent (volume, percent of each lung, lobes).
+    site
+        Where the finding can lie: ``"lung"`` (parenchyma and airways) or ``"pleura"``.
+    min_diameter_mm, min_volume_ml
+        A lesion of a focal finding smaller than either is not reported.
     """
 
     code: str
@@ -43,6 +54,10 @@ class Abnormality:
     name: str
     concept: CodedConcept
     color_rgb: tuple[int, int, int]
+    pattern: Pattern = "focal"
+    site: Site = "lung"
+    min_diameter_mm: float = 0.0
+    min_volume_ml: float = 0.0
 
 
 DEFAULT_LABELS: tuple[Abnormality, ...] = (
@@ -52,6 +67,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Bronchial wall thickening",
         CodedConcept("SCT", "955009", "Bronchial structure"),
         (230, 159, 0),
+        pattern="diffuse",
     ),
     Abnormality(
         "1b",
@@ -59,6 +75,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Bronchiectasis",
         CodedConcept("SCT", "12295008", "Bronchiectasis"),
         (86, 180, 233),
+        pattern="diffuse",
     ),
     Abnormality(
         "1c",
@@ -66,6 +83,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Emphysema",
         CodedConcept("SCT", "87433001", "Pulmonary emphysema"),
         (0, 158, 115),
+        pattern="diffuse",
     ),
     Abnormality(
         "1d",
@@ -73,6 +91,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Septal thickening / reticulation",
         CodedConcept("DCM", "112114", "Septal line(s)"),
         (240, 228, 66),
+        pattern="diffuse",
     ),
     Abnormality(
         "1e",
@@ -80,6 +99,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Micronodules",
         CodedConcept("DCM", "112122", "Micronodule"),
         (0, 114, 178),
+        pattern="diffuse",
     ),
     Abnormality(
         "2a",
@@ -87,6 +107,8 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Linear opacities",
         CodedConcept("SCT", "12402003", "Scar"),
         (213, 94, 0),
+        # A band shorter than 1 cm is not called a linear opacity.
+        min_diameter_mm=10.0,
     ),
     Abnormality(
         "2b",
@@ -94,6 +116,8 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Atelectasis / consolidation",
         CodedConcept("SCT", "95436008", "Lung consolidation"),
         (204, 121, 167),
+        # Airspace opacity under 1 cm is a nodule, not consolidation.
+        min_diameter_mm=10.0,
     ),
     Abnormality(
         "2c",
@@ -101,6 +125,7 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Ground-glass opacity",
         CodedConcept("DCM", "112120", "Ground glass opacity"),
         (153, 153, 255),
+        pattern="diffuse",
     ),
     Abnormality(
         "2d",
@@ -108,6 +133,8 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Pulmonary nodule / mass",
         CodedConcept("SCT", "27925004", "Nodule"),
         (255, 0, 0),
+        # Nodules under 3 mm are not reported (LIDC-IDRI outlines, Fleischner 2017).
+        min_diameter_mm=3.0,
     ),
     Abnormality(
         "2e",
@@ -115,10 +142,21 @@ DEFAULT_LABELS: tuple[Abnormality, ...] = (
         "Pleural effusion / thickening",
         CodedConcept("SCT", "60046008", "Pleural effusion"),
         (0, 200, 200),
+        site="pleura",
+        # The smallest effusion CT reports with confidence: a few millilitres.
+        min_volume_ml=5.0,
     ),
 )
 
 NUM_LABELS = len(DEFAULT_LABELS)
+_DEFAULTS_BY_KEY = {a.key: a for a in DEFAULT_LABELS}
+
+
+def default_abnormality(key: str) -> Abnormality | None:
+    """The default entry of ``key`` (its pattern, site and minimum sizes), if any."""
+    return _DEFAULTS_BY_KEY.get(key)
+
+
 LABEL_KEYS: tuple[str, ...] = tuple(a.key for a in DEFAULT_LABELS)
 
 

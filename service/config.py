@@ -364,6 +364,7 @@ class SrOutputSettings(_Section):
 
     series_number: int = Field(default=9902, ge=1)
     series_description: str = Field(default="UniCT report", max_length=64)
+    max_lesions_per_finding: int = Field(default=5, ge=1, le=50)
 
 
 class ScOutputSettings(_Section):

@@ -23,10 +23,11 @@ from engines.base import Engine, InferenceResult
 from model.card import ModelCard
 from model.transforms import ModelInput, preprocess
 from service.errors import Stage, StageError
+from service.lung_field import LungField
 from service.outputs.sc import build_key_images
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
-from service.postprocess import AnalysisResult, postprocess
+from service.postprocess import AnalysisResult, PostprocessOptions, postprocess
 from service.volume import SourceVolume, load_series
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class OutputOptions:
     mask_threshold
         Probability above which a voxel is in a finding's mask; ``None``: the model
         card's per-class mask thresholds.
+    max_lesions
+        Lesions itemised in the SR per focal finding (largest first); the rest are counted.
     sc_enabled, sc_series_number, sc_series_description, sc_max_images
         The optional key-image series (Secondary Capture, findings burned in).
     """
@@ -68,6 +71,7 @@ class OutputOptions:
     device_serial: str = ""
     min_lesion_ml: float = 0.05
     mask_threshold: float | None = None
+    max_lesions: int = 5
     sc_enabled: bool = False
     sc_series_number: int = 9903
     sc_series_description: str = "UniCT key images (research)"
@@ -243,16 +247,16 @@ def postprocess_stage(
     volume: SourceVolume,
     card: ModelCard,
     outputs: OutputOptions,
+    lungs: LungField | None = None,
 ) -> AnalysisResult:
-    """Stage ``postprocess``: decisions, masks on the source grid, lesions."""
-    return postprocess(
-        result,
-        model_input,
-        volume,
-        card,
+    """Stage ``postprocess``: decisions, the lung field (computed here unless given), gated
+    masks, lesions and extents, and the report text made to agree with them."""
+    options = PostprocessOptions(
         min_lesion_ml=outputs.min_lesion_ml,
         mask_threshold=outputs.mask_threshold,
+        max_lesions=outputs.max_lesions,
     )
+    return postprocess(result, model_input, volume, card, options, lungs=lungs)
 
 
 def encode_stage(

@@ -1,30 +1,57 @@
-"""From model outputs to findings on the source grid: masks, lesions, measurements.
+"""From model outputs to findings on the source grid, as a radiologist reports them.
 
 A finding is *present* when its probability reaches the model card's threshold. Only
 present findings get a mask: the model-grid segmentation probability is resampled onto
 the source voxels (:func:`model.transforms.to_source_grid`) inside the bounding box of
-its above-threshold region, thresholded, and split into lesions (26-connected
-components). Each lesion is measured the way a reader would: volume, longest diameter
-in the image plane (axial for an axial series) and centroid in patient coordinates.
+its above-threshold region and thresholded. Then anatomy and practice decide what of it
+is reported (the lung field comes from :mod:`service.lung_field`):
+
+- **Where it can be.** A finding of the lungs keeps only voxels in the lung field or
+  within :attr:`PostprocessOptions.lung_tolerance_mm` of it (juxtapleural lesions); a
+  pleural finding only voxels of the pleural zone. The masks, volumes, SEG and SR all
+  follow from the gated masks. When no lung field is found (not a chest CT as expected),
+  nothing is gated and the analysis says so.
+- **Diffuse or focal** (the card's ``pattern``). A diffuse finding (emphysema,
+  ground-glass, septal thickening, micronodules, bronchial wall thickening,
+  bronchiectasis) is one :class:`Extent`: volume, percent of each lung, lobes involved.
+  A focal finding (nodule, consolidation, linear opacity, effusion) is split into
+  lesions (26-connected components). A lesion of the lungs must lie mostly in the lung
+  field itself (not only in the tolerance band), its boundary is moved onto its own
+  tissue within a model voxel (:func:`service.lesion_shape.refine_to_tissue`), and a
+  nodule must be blob-like (:func:`service.lesion_shape.blob_ratio`: vessels and
+  fissures are not). Lesions under the card's minimum size are dropped; the largest
+  :attr:`PostprocessOptions.max_lesions` are itemised and the rest counted.
+- Without a lung field (a series that is not a chest CT as expected) none of this
+  applies: the model's masks are reported as they are, and the SR says the lung field
+  was not found.
+- Each lesion is measured the way a reader would: volume, longest diameter in the image
+  plane (axial for an axial series), centroid in patient coordinates, and the lobe that
+  holds most of it (geometric lobes, :mod:`service.lung_field`).
+
+The report text is then made to agree with these findings (:mod:`service.report_text`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import pdist, squareform
 
 from engines.base import InferenceResult
-from model.card import ModelCard
-from model.labels import Abnormality
+from model.card import LabelCard, ModelCard
+from model.labels import Abnormality, Pattern
 from model.transforms import LPS_TO_RAS, ModelInput, to_source_grid
+from service.lesion_shape import blob_ratio, refine_to_tissue
+from service.lung_field import LOBE_NAMES, LungField, Side, lobe_side, lung_field
+from service.measure import longest_axial_diameter
+from service.report_text import reconcile_report
 from service.volume import SourceVolume
 
 logger = logging.getLogger(__name__)
@@ -33,9 +60,61 @@ BoolArray = npt.NDArray[np.bool_]
 Laterality = Literal["left", "right", "midline"]
 
 _STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
-_IN_PLANE_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
 # Voxels whose centre is this close (mm) to the body midline count as midline.
 _MIDLINE_MM = 5.0
+#: A lesion of the lungs has at least this fraction of its voxels in the lung field
+#: itself: what lies only in the tolerance band is chest wall, bone or mediastinum.
+MIN_IN_LUNG_FRACTION = 0.5
+#: A nodule candidate is blob-like at least this much (``blob_ratio``; a sphere is
+#: about 1, vessels and fissures below 0.2; on LIDC-IDRI-0001 the readers' nodule
+#: scores 0.60 and the nine vessel and bone look-alikes -0.27 to 0.28).
+MIN_NODULE_BLOB_RATIO = 0.35
+#: Findings whose lesions must pass the blob test.
+BLOB_FINDINGS = frozenset({"nodule"})
+#: A lesion of another focal finding that lies mostly (this fraction of its voxels or
+#: more) in a nodule is that nodule seen by a less specific head (a mass is not also a
+#: consolidation); it is not reported twice.
+MAX_NODULE_OVERLAP = 0.5
+#: A lobe is involved by a diffuse finding that has at least this fraction of its volume
+#: there (the lobe holding most of it always is).
+MIN_LOBE_FRACTION = 0.10
+
+
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """How model outputs become reported findings.
+
+    Attributes
+    ----------
+    min_lesion_ml
+        Connected components smaller than this (mL) are noise, whatever the finding.
+    mask_threshold
+        Probability above which a voxel is in a mask, for every class; ``None``: each
+        label's ``mask_threshold`` from the card.
+    max_lesions
+        Lesions itemised per focal finding (largest first); the rest are counted.
+    lung_tolerance_mm
+        How far outside the lung field a finding of the lungs may reach.
+    refine_mm
+        How far a lesion's boundary may move onto its own tissue (about one voxel of
+        the model grid of ``small``).
+    anatomy
+        Gate and locate findings with the lung field (off only for series that are not
+        chest CTs, e.g. in tests).
+    """
+
+    min_lesion_ml: float = 0.05
+    mask_threshold: float | None = None
+    max_lesions: int = 5
+    lung_tolerance_mm: float = 5.0
+    refine_mm: float = 3.0
+    anatomy: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_lesions < 1:
+            raise ValueError(f"max_lesions must be at least 1, got {self.max_lesions}")
+        if self.lung_tolerance_mm < 0 or self.refine_mm < 0:
+            raise ValueError("lung_tolerance_mm and refine_mm must not be negative")
 
 
 @dataclass(frozen=True)
@@ -61,7 +140,7 @@ class LongAxis:
 
 @dataclass(frozen=True)
 class LesionMeasurement:
-    """One connected component of a finding's mask.
+    """One lesion (connected component) of a focal finding.
 
     Attributes
     ----------
@@ -82,9 +161,13 @@ class LesionMeasurement:
     slice_range
         First and last source slice index (inclusive) the lesion occupies.
     laterality
-        Side of the patient, from the centroid's x relative to the body midline.
+        Side of the patient: the side of its lobe, else from the centroid's x relative
+        to the body midline.
     long_axis
         Key slice and end points of ``longest_axial_diameter_mm``.
+    lobe
+        Code of the lobe holding most of the lesion (:data:`service.lung_field.LOBE_NAMES`),
+        0 when it lies outside the lungs (a pleural lesion) or no lung field was found.
     """
 
     label_index: int
@@ -96,28 +179,71 @@ class LesionMeasurement:
     slice_range: tuple[int, int]
     laterality: Laterality
     long_axis: LongAxis
+    lobe: int = 0
+
+    @property
+    def lobe_name(self) -> str:
+        """The lobe's name, or ``""``."""
+        return LOBE_NAMES.get(self.lobe, "")
+
+
+@dataclass(frozen=True)
+class Extent:
+    """How much of the lungs a diffuse finding involves.
+
+    Attributes
+    ----------
+    volume_ml
+        Volume of its mask.
+    percent_of_lung
+        Percent of the right and of the left lung's volume it occupies.
+    lobes
+        Codes of the lobes involved (at least :data:`MIN_LOBE_FRACTION` of the finding
+        there, and always the one with most), ascending.
+    key_slice, key_point
+        The source slice with most of it, and a point ``(row, column)`` on it inside the
+        largest patch there: where a viewer marks the finding.
+    """
+
+    volume_ml: float
+    percent_of_lung: Mapping[Side, float]
+    lobes: tuple[int, ...]
+    key_slice: int
+    key_point: tuple[float, float]
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        """The sides of the lobes involved, right first."""
+        return tuple(s for s in ("right", "left") if any(lobe_side(c) == s for c in self.lobes))
 
 
 @dataclass(frozen=True, eq=False)
 class FindingResult:
-    """One abnormality: decision, and for present findings its mask and lesions.
+    """One abnormality: decision, and for present findings its mask and measurements.
 
     Attributes
     ----------
     index
         Index in the model card's label order.
     abnormality
-        The card's abnormality (name, concept, colour).
+        The card's abnormality (name, concept, colour, pattern, site).
     probability, threshold
         The model's probability and the card's decision threshold.
     present
         ``probability >= threshold``.
     mask
-        ``(D, H, W)`` bool on the source grid, the union of the kept lesions; ``None``
-        when the finding is absent, nothing exceeded the mask threshold, or every
-        component was smaller than ``min_lesion_ml``.
+        ``(D, H, W)`` bool on the source grid, what is reported of the finding (every
+        kept lesion, or the extent); ``None`` when the finding is absent or nothing
+        of it is left.
     lesions
-        Measurements of the kept components, largest first.
+        Focal findings: the itemised lesions, largest first (at most ``max_lesions``).
+    lesion_count
+        Focal findings: every lesion kept in the mask (itemised or not).
+    extent
+        Diffuse findings with a mask: volume, percent of each lung, lobes.
+    removed_ml
+        Volume of the thresholded mask that anatomy and practice removed (outside the
+        lungs or pleura, vessel look-alikes, under the minimum size).
     """
 
     index: int
@@ -126,7 +252,49 @@ class FindingResult:
     threshold: float
     present: bool
     mask: BoolArray | None
-    lesions: tuple[LesionMeasurement, ...]
+    lesions: tuple[LesionMeasurement, ...] = ()
+    lesion_count: int = 0
+    extent: Extent | None = None
+    removed_ml: float = 0.0
+
+    @property
+    def pattern(self) -> Pattern:
+        """``"focal"`` or ``"diffuse"`` (from the card)."""
+        return self.abnormality.pattern
+
+    @property
+    def lobes(self) -> tuple[int, ...]:
+        """Codes of the lobes the reported finding lies in, ascending."""
+        if self.extent is not None:
+            return self.extent.lobes
+        return tuple(sorted({les.lobe for les in self.lesions if les.lobe}))
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        """Sides the reported finding lies on, right first."""
+        if self.extent is not None:
+            return self.extent.sides
+        found = {les.laterality for les in self.lesions}
+        return tuple(s for s in ("right", "left") if s in found)
+
+
+@dataclass(frozen=True)
+class LungSummary:
+    """What the lung field says of the whole series (reported in the SR).
+
+    Attributes
+    ----------
+    found
+        Whether lungs were found; when not, findings were not gated.
+    volume_ml
+        Right and left lung volume.
+    laa950_percent
+        Percent of lung voxels below -950 HU (LAA-950), airways excluded.
+    """
+
+    found: bool
+    volume_ml: Mapping[Side, float]
+    laa950_percent: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,13 +306,17 @@ class AnalysisResult:
     findings
         All abnormalities of the card, in card order.
     report_text
-        The generated report.
+        The report, made to agree with the findings (see :mod:`service.report_text`).
     fusion_attention
         ``(3, 3)`` task attention of the fusion module.
     engine
         Backend that ran the model.
     model_input_shape
         Shape of the model-grid volume.
+    model_report_text
+        The report as the model generated it.
+    lungs
+        The lung field's summary; ``None`` when anatomy was not used.
     """
 
     findings: tuple[FindingResult, ...]
@@ -152,11 +324,17 @@ class AnalysisResult:
     fusion_attention: npt.NDArray[np.float32]
     engine: str
     model_input_shape: tuple[int, ...]
+    model_report_text: str = ""
+    lungs: LungSummary | None = None
+    options: PostprocessOptions = field(default_factory=PostprocessOptions)
 
     @property
     def present(self) -> tuple[FindingResult, ...]:
         """The present findings, in card order."""
         return tuple(f for f in self.findings if f.present)
+
+
+# ------------------------------------------------------------------ resampling
 
 
 def _model_to_source_index(
@@ -200,12 +378,16 @@ def _probability_on_source(
     model_input: ModelInput,
     volume: SourceVolume,
     mask_threshold: float,
+    stride: tuple[int, int, int] = (1, 1, 1),
 ) -> tuple[tuple[slice, slice, slice], npt.NDArray[np.float32]] | None:
     """Resample one model-grid probability map into a source-grid box.
 
     Only the region above ``mask_threshold`` (dilated by one model voxel, so trilinear
     interpolation sees its true neighbours) is resampled; outside it the resampled value
     cannot exceed the threshold, so the thresholded mask is the same as a full resample.
+    With a ``stride``, the map is sampled once per block of ``stride`` source voxels (at
+    the block's centre) and the value repeated over the block: enough for maps much
+    coarser than the source (the model grid of ``small`` is 3 mm, a CT's pixels 0.7 mm).
     """
     above = probability > mask_threshold
     if not above.any():
@@ -227,51 +409,40 @@ def _probability_on_source(
         source_box[1].stop - source_box[1].start,
         source_box[2].stop - source_box[2].start,
     )
+    coarse_shape = tuple(-(-n // k) for n, k in zip(box_shape, stride, strict=True))
+    # Each sample at the centre of the block it stands for.
+    centre = np.eye(4)
+    centre[:3, 3] = [(k - 1) / 2.0 for k in stride]
     resampled = to_source_grid(
         crop[None],
         np.asarray(model_input.affine_ras, dtype=np.float64) @ model_shift,
-        volume.affine_lps @ source_shift,
-        box_shape,
+        volume.affine_lps @ source_shift @ centre @ np.diag([*stride, 1.0]),
+        coarse_shape,
     )[0]
-    return source_box, resampled
+    for axis, k in enumerate(stride):
+        if k > 1:
+            resampled = np.repeat(resampled, k, axis=axis)
+    return source_box, resampled[: box_shape[0], : box_shape[1], : box_shape[2]]
 
 
-def _feret_diameter_mm(
-    plane_mask: BoolArray, row_step: npt.NDArray[np.float64], col_step: npt.NDArray[np.float64]
-) -> tuple[float, tuple[float, float], tuple[float, float]]:
-    """Longest diameter (mm) of one 2D mask: largest centre-to-centre distance plus a pixel.
+def _stride(model_input: ModelInput, volume: SourceVolume) -> tuple[int, int, int]:
+    """Source voxels per sample for a map resampled at half the model grid's spacing."""
+    model_spacing = np.sort(np.linalg.norm(model_input.affine_ras[:3, :3], axis=0))
+    finest = float(model_spacing[0])
+    return tuple(max(1, int(finest / (2.0 * s))) for s in volume.spacing)  # type: ignore[return-value]
 
-    Pixel centres underestimate an object's extent by up to a pixel and pixel corners
-    overestimate it by up to a diagonal; adding one pixel to the centre distance is
-    unbiased and gives a one-pixel lesion the size of a pixel.
 
-    Returns the diameter and its end points (continuous ``(row, column)`` indices): the
-    two farthest pixel centres, each moved outwards by half the added pixel.
-    """
-    rows, cols = np.nonzero(plane_mask)
-    if rows.size == 0:
-        return 0.0, (0.0, 0.0), (0.0, 0.0)
-    row_mm, col_mm = float(np.linalg.norm(row_step)), float(np.linalg.norm(col_step))
-    # Image axes are orthogonal (checked on load), so 2D coordinates in mm suffice.
-    flat = np.stack([rows * row_mm, cols * col_mm], axis=1)
-    if len(flat) > 64:
-        with contextlib.suppress(QhullError):  # collinear pixels: keep them all
-            flat = flat[ConvexHull(flat).vertices]
-    pixel_mm = (row_mm + col_mm) / 2.0
-    a = b = flat[0]
-    if len(flat) > 1:
-        i, j = np.unravel_index(int(np.argmax(squareform(pdist(flat)))), (len(flat), len(flat)))
-        a, b = flat[i], flat[j]
-    longest = float(np.linalg.norm(b - a))
-    # A one-pixel lesion has no direction: draw it along the rows.
-    direction = (b - a) / longest if longest > 0 else np.array([0.0, 1.0])
-    start = (a - direction * pixel_mm / 2.0) / (row_mm, col_mm)
-    end = (b + direction * pixel_mm / 2.0) / (row_mm, col_mm)
+def _grow_box(
+    box: tuple[slice, slice, slice], margin: tuple[int, int, int], shape: tuple[int, int, int]
+) -> tuple[slice, slice, slice]:
     return (
-        longest + pixel_mm,
-        (float(start[0]), float(start[1])),
-        (float(end[0]), float(end[1])),
+        slice(max(box[0].start - margin[0], 0), min(box[0].stop + margin[0], shape[0])),
+        slice(max(box[1].start - margin[1], 0), min(box[1].stop + margin[1], shape[1])),
+        slice(max(box[2].start - margin[2], 0), min(box[2].stop + margin[2], shape[2])),
     )
+
+
+# ------------------------------------------------------------------ anatomy
 
 
 def _midline_x(volume: SourceVolume) -> float:
@@ -292,74 +463,294 @@ def _laterality(x: float, midline: float) -> Laterality:
     return "left" if x > midline else "right"
 
 
-def _lesions(
-    box_mask: BoolArray,
+@dataclass
+class _Context:
+    """What every finding of one analysis shares (computed once, on first use)."""
+
+    volume: SourceVolume
+    options: PostprocessOptions
+    lungs: LungField | None
+    _midline: float | None = None
+    _near: BoolArray | None = None
+
+    @property
+    def midline(self) -> float:
+        if self._midline is None:
+            self._midline = _midline_x(self.volume)
+        return self._midline
+
+    def allowed(
+        self, abnormality: Abnormality, box: tuple[slice, slice, slice]
+    ) -> BoolArray | None:
+        """Where in ``box`` the finding may lie; ``None``: anywhere (no anatomy)."""
+        if self.lungs is None:
+            return None
+        if abnormality.site == "pleura":
+            return np.asarray(self.lungs.sample(self.lungs.pleura, box), dtype=bool)
+        if self._near is None:
+            self._near = self.lungs.near(self.options.lung_tolerance_mm)
+        return np.asarray(self.lungs.sample(self._near, box), dtype=bool)
+
+    def lobes(self, box: tuple[slice, slice, slice]) -> npt.NDArray[np.uint8]:
+        """Lobe codes of the source voxels of ``box`` (zeros without anatomy)."""
+        if self.lungs is None:
+            return np.zeros(tuple(s.stop - s.start for s in box), dtype=np.uint8)
+        return np.asarray(self.lungs.sample(self.lungs.lobes, box), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------ focal findings
+
+
+def _measure(
+    component: BoolArray,
     origin: tuple[int, int, int],
+    lobes: npt.NDArray[np.uint8],
     index: int,
-    volume: SourceVolume,
-    min_lesion_ml: float,
-    midline: float,
-) -> tuple[BoolArray, tuple[LesionMeasurement, ...]]:
-    """Split a box mask into components; drop small ones; measure the rest."""
-    labels, count = ndimage.label(box_mask, structure=_STRUCTURE_26)
-    if count == 0:
-        return box_mask, ()
-    voxel_ml = volume.voxel_volume_ml
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = np.nonzero(sizes * voxel_ml >= min_lesion_ml)[0] + 1
-    kept_mask = np.isin(labels, keep) if len(keep) < count else box_mask
-    objects = ndimage.find_objects(labels)
+    ctx: _Context,
+) -> LesionMeasurement:
+    """Measure one component (``component[0, 0, 0]`` is source voxel ``origin``)."""
+    volume = ctx.volume
     row_step, col_step = volume.affine_lps[:3, 1], volume.affine_lps[:3, 2]
-    measured: list[
-        tuple[int, int, float, tuple[float, float, float], tuple[int, int], LongAxis]
-    ] = []
-    for label in keep:
-        bbox = objects[label - 1]
+    key, diameter, start, end = longest_axial_diameter(component, row_step, col_step)
+    long_axis = LongAxis(
+        slice_index=int(origin[0] + key),
+        start=(start[0] + origin[1], start[1] + origin[2]),
+        end=(end[0] + origin[1], end[1] + origin[2]),
+    )
+    centre = np.array(ndimage.center_of_mass(component)) + np.array(origin)
+    centroid = (volume.affine_lps @ np.array([*centre, 1.0]))[:3]
+    voxels = int(component.sum())
+    codes = np.bincount(lobes[component], minlength=6)[1:]
+    lobe = int(np.argmax(codes)) + 1 if codes.any() else 0
+    laterality: Laterality = (
+        lobe_side(lobe) if lobe else _laterality(float(centroid[0]), ctx.midline)
+    )
+    return LesionMeasurement(
+        label_index=index,
+        lesion_number=0,
+        voxel_count=voxels,
+        volume_ml=voxels * volume.voxel_volume_ml,
+        longest_axial_diameter_mm=diameter,
+        centroid_lps=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+        slice_range=(int(origin[0]), int(origin[0] + component.shape[0] - 1)),
+        laterality=laterality,
+        long_axis=long_axis,
+        lobe=lobe,
+    )
+
+
+def _focal(
+    index: int,
+    abnormality: Abnormality,
+    box: tuple[slice, slice, slice],
+    raw: BoolArray,
+    ctx: _Context,
+    nodules: BoolArray | None,
+) -> tuple[BoolArray | None, tuple[LesionMeasurement, ...], int]:
+    """The lesions of a focal finding: (mask on the source grid, itemised, count).
+
+    ``nodules`` is the reported nodule mask (source grid), when this is another finding.
+    """
+    volume, options = ctx.volume, ctx.options
+    voxel_ml = volume.voxel_volume_ml
+    # Room for the boundary to move onto the lesion's tissue.
+    margin = tuple(
+        math.ceil(options.refine_mm / s) if abnormality.site == "lung" else 0
+        for s in volume.spacing
+    )
+    outer = _grow_box(box, margin, volume.shape)  # type: ignore[arg-type]
+    inner = tuple(
+        slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True)
+    )
+    candidates = np.zeros(tuple(s.stop - s.start for s in outer), dtype=bool)
+    candidates[inner] = raw
+    allowed = ctx.allowed(abnormality, outer)
+    if allowed is not None:
+        candidates &= allowed
+    lobes = ctx.lobes(outer)
+    in_lungs = lobes > 0
+    hu = volume.hu[outer]
+    origin = (outer[0].start, outer[1].start, outer[2].start)
+    labels, _ = ndimage.label(candidates, structure=_STRUCTURE_26)
+    kept: list[tuple[BoolArray, tuple[slice, ...], LesionMeasurement]] = []
+    for label, bbox in enumerate(ndimage.find_objects(labels), start=1):
         if bbox is None:
             continue
         component = labels[bbox] == label
-        edge = component & ~ndimage.binary_erosion(component, structure=_IN_PLANE_CROSS)
-        planes = [_feret_diameter_mm(plane, row_step, col_step) for plane in edge]
-        key = max(range(len(planes)), key=lambda k: planes[k][0])
-        diameter, start, end = planes[key]
-        shift = (bbox[1].start + origin[1], bbox[2].start + origin[2])
-        long_axis = LongAxis(
-            slice_index=int(bbox[0].start + origin[0] + key),
-            start=(start[0] + shift[0], start[1] + shift[1]),
-            end=(end[0] + shift[0], end[1] + shift[1]),
-        )
-        local = np.array(ndimage.center_of_mass(component))
-        centre = local + np.array([s.start for s in bbox]) + np.array(origin)
-        centroid = (volume.affine_lps @ np.array([*centre, 1.0]))[:3]
-        first = bbox[0].start + origin[0]
-        measured.append(
-            (
-                int(label),
-                int(sizes[label - 1]),
-                diameter,
-                (float(centroid[0]), float(centroid[1]), float(centroid[2])),
-                (int(first), int(first + component.shape[0] - 1)),
-                long_axis,
+        if component.sum() * voxel_ml < options.min_lesion_ml:
+            continue
+        if ctx.lungs is not None and abnormality.site == "lung":
+            if in_lungs[bbox][component].mean() < MIN_IN_LUNG_FRACTION:
+                continue
+            # The boundary onto the lesion's own tissue, within the allowed region.
+            grown = _grow_box(bbox, margin, candidates.shape)  # type: ignore[arg-type]
+            local = tuple(
+                slice(b.start - g.start, b.stop - g.start) for b, g in zip(bbox, grown, strict=True)
             )
+            seed = np.zeros(tuple(s.stop - s.start for s in grown), dtype=bool)
+            seed[local] = component
+            room = allowed[grown] if allowed is not None else np.ones_like(seed)
+            component = refine_to_tissue(hu[grown], seed, room, volume.spacing, options.refine_mm)
+            bbox = grown
+            if not component.any():
+                continue
+            tight = ndimage.find_objects(component.astype(np.uint8))[0]
+            component = component[tight]
+            bbox = tuple(
+                slice(b.start + t.start, b.start + t.stop) for b, t in zip(bbox, tight, strict=True)
+            )
+        corner = (origin[0] + bbox[0].start, origin[1] + bbox[1].start, origin[2] + bbox[2].start)
+        if nodules is not None:
+            region = tuple(slice(c, c + n) for c, n in zip(corner, component.shape, strict=True))
+            if nodules[region][component].mean() >= MAX_NODULE_OVERLAP:
+                continue
+        if ctx.lungs is not None and abnormality.key in BLOB_FINDINGS:
+            ratio = blob_ratio(volume.hu, component, corner, volume.spacing)
+            if ratio < MIN_NODULE_BLOB_RATIO:
+                logger.debug("%s candidate dropped: blob ratio %.2f", abnormality.key, ratio)
+                continue
+        lesion = _measure(component, corner, lobes[bbox], index, ctx)
+        if (
+            lesion.longest_axial_diameter_mm < abnormality.min_diameter_mm
+            or lesion.volume_ml < abnormality.min_volume_ml
+        ):
+            continue
+        kept.append((component, bbox, lesion))
+    if not kept:
+        return None, (), 0
+    kept.sort(key=lambda k: -k[2].voxel_count)
+    mask = np.zeros(volume.shape, dtype=bool)
+    for component, bbox, _ in kept:
+        region = tuple(
+            slice(o.start + b.start, o.start + b.stop) for o, b in zip(outer, bbox, strict=True)
         )
-    measured.sort(key=lambda m: -m[1])
-    lesions = tuple(
-        LesionMeasurement(
-            label_index=index,
-            lesion_number=number,
-            voxel_count=voxels,
-            volume_ml=voxels * voxel_ml,
-            longest_axial_diameter_mm=diameter,
-            centroid_lps=centroid,
-            slice_range=slices,
-            laterality=_laterality(centroid[0], midline),
-            long_axis=long_axis,
-        )
-        for number, (_, voxels, diameter, centroid, slices, long_axis) in enumerate(
-            measured, start=1
-        )
+        mask[region] |= component
+    itemised = tuple(
+        dataclasses.replace(lesion, lesion_number=number)
+        for number, (_, _, lesion) in enumerate(kept[: options.max_lesions], start=1)
     )
-    return kept_mask, lesions
+    return mask, itemised, len(kept)
+
+
+# ------------------------------------------------------------------ diffuse findings
+
+
+def _key_point(plane: BoolArray) -> tuple[float, float]:
+    """A point inside the largest patch of a 2D mask: its pixel nearest the patch centroid."""
+    labels, count = ndimage.label(plane)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    patch = labels == int(np.argmax(sizes)) + 1
+    rows, cols = np.nonzero(patch)
+    centre = np.array([rows.mean(), cols.mean()])
+    nearest = int(np.argmin((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2))
+    return float(rows[nearest]), float(cols[nearest])
+
+
+def _diffuse(
+    box: tuple[slice, slice, slice], raw: BoolArray, abnormality: Abnormality, ctx: _Context
+) -> tuple[BoolArray | None, Extent | None]:
+    """The extent of a diffuse finding: (mask on the source grid, extent)."""
+    volume, options = ctx.volume, ctx.options
+    mask_box = raw.copy()
+    allowed = ctx.allowed(abnormality, box)
+    if allowed is not None:
+        mask_box &= allowed
+    # Specks under the noise floor are not part of any pattern.
+    labels, count = ndimage.label(mask_box, structure=_STRUCTURE_26)
+    if count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        small = sizes * volume.voxel_volume_ml < options.min_lesion_ml
+        small[0] = False
+        mask_box &= ~small[labels]
+    if not mask_box.any():
+        return None, None
+    voxel_ml = volume.voxel_volume_ml
+    lobes = ctx.lobes(box)
+    per_lobe = np.bincount(lobes[mask_box], minlength=6)[1:] * voxel_ml
+    total = float(mask_box.sum()) * voxel_ml
+    involved = {int(i) + 1 for i in np.nonzero(per_lobe >= MIN_LOBE_FRACTION * total)[0]}
+    if per_lobe.any():
+        involved.add(int(np.argmax(per_lobe)) + 1)
+    percent: dict[Side, float] = {"right": 0.0, "left": 0.0}
+    if ctx.lungs is not None:
+        for side in ("right", "left"):
+            lung_ml = ctx.lungs.volume_ml[side]
+            side_ml = sum(float(per_lobe[c - 1]) for c in LOBE_NAMES if lobe_side(c) == side)
+            percent[side] = 100.0 * side_ml / lung_ml if lung_ml > 0 else 0.0
+    per_slice = mask_box.sum(axis=(1, 2))
+    key = int(np.argmax(per_slice))
+    row, col = _key_point(mask_box[key])
+    extent = Extent(
+        volume_ml=total,
+        percent_of_lung=percent,
+        lobes=tuple(sorted(involved)),
+        key_slice=box[0].start + key,
+        key_point=(row + box[1].start, col + box[2].start),
+    )
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[box] = mask_box
+    return mask, extent
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _finding(
+    index: int,
+    label: LabelCard,
+    probability: float,
+    segmentation: npt.NDArray[np.float32],
+    model_input: ModelInput,
+    ctx: _Context,
+    nodules: BoolArray | None = None,
+) -> FindingResult:
+    abnormality = label.abnormality
+    present = probability >= label.threshold
+    mask: BoolArray | None = None
+    lesions: tuple[LesionMeasurement, ...] = ()
+    count = 0
+    extent: Extent | None = None
+    removed_ml = 0.0
+    if present:
+        options = ctx.options
+        voxel_threshold = (
+            label.mask_threshold if options.mask_threshold is None else options.mask_threshold
+        )
+        # Lesions' boundaries are refined on the CT afterwards, extents are coarse anyway:
+        # half the model grid's spacing is all the resampling needs.
+        stride = _stride(model_input, ctx.volume)
+        resampled = _probability_on_source(
+            segmentation, model_input, ctx.volume, voxel_threshold, stride
+        )
+        if resampled is not None:
+            box, probability_box = resampled
+            raw = probability_box > voxel_threshold
+            if abnormality.pattern == "diffuse":
+                mask, extent = _diffuse(box, raw, abnormality, ctx)
+            else:
+                mask, lesions, count = _focal(index, abnormality, box, raw, ctx, nodules)
+            kept = int(mask.sum()) if mask is not None else 0
+            removed_ml = max(int(raw.sum()) - kept, 0) * ctx.volume.voxel_volume_ml
+        logger.info(
+            "finding %s present (p=%.3f >= %.3f): %s; %.1f mL removed",
+            abnormality.key,
+            probability,
+            label.threshold,
+            f"extent {extent.volume_ml:.1f} mL" if extent else f"{count} lesion(s)",
+            removed_ml,
+        )
+    return FindingResult(
+        index=index,
+        abnormality=abnormality,
+        probability=probability,
+        threshold=float(label.threshold),
+        present=present,
+        mask=mask,
+        lesions=lesions,
+        lesion_count=count,
+        extent=extent,
+        removed_ml=removed_ml,
+    )
 
 
 def postprocess(
@@ -367,11 +758,11 @@ def postprocess(
     model_input: ModelInput,
     volume: SourceVolume,
     card: ModelCard,
+    options: PostprocessOptions | None = None,
     *,
-    min_lesion_ml: float = 0.05,
-    mask_threshold: float | None = None,
+    lungs: LungField | None = None,
 ) -> AnalysisResult:
-    """Decide, segment and measure every abnormality of the card.
+    """Decide, gate, segment and measure every abnormality of the card.
 
     Parameters
     ----------
@@ -382,23 +773,24 @@ def postprocess(
     volume
         The source volume the masks are produced on.
     card
-        Labels, concepts and thresholds.
-    min_lesion_ml
-        Components smaller than this (mL) are dropped as noise.
-    mask_threshold
-        Probability above which a voxel belongs to the mask, for every class; ``None``
-        (default): each label's ``mask_threshold`` from the card.
+        Labels, concepts, thresholds, patterns and sites.
+    options
+        See :class:`PostprocessOptions` (its defaults when ``None``).
+    lungs
+        The series' lung field, when already computed; computed here otherwise (when
+        ``options.anatomy``).
 
     Returns
     -------
     AnalysisResult
-        All findings in card order.
+        All findings in card order, and the report text made to agree with them.
 
     Raises
     ------
     ValueError
         If the result's shapes do not match the card or the model input.
     """
+    options = options or PostprocessOptions()
     n = len(card.labels)
     probabilities = np.asarray(result.probabilities, dtype=np.float64).reshape(-1)
     if probabilities.shape != (n,):
@@ -410,57 +802,43 @@ def postprocess(
         raise ValueError(
             f"segmentation shape {segmentation.shape} does not match {n} labels on the model grid {model_input.image.shape}"
         )
-    midline: float | None = None
-    findings: list[FindingResult] = []
-    for index, label in enumerate(card.labels):
-        probability = float(probabilities[index])
-        present = probability >= label.threshold
-        mask: BoolArray | None = None
-        lesions: tuple[LesionMeasurement, ...] = ()
-        if present:
-            voxel_threshold = label.mask_threshold if mask_threshold is None else mask_threshold
-            resampled = _probability_on_source(
-                segmentation[index], model_input, volume, voxel_threshold
-            )
-            if resampled is not None:
-                box, probability_box = resampled
-                if midline is None:
-                    midline = _midline_x(volume)
-                origin = (box[0].start, box[1].start, box[2].start)
-                box_mask, lesions = _lesions(
-                    probability_box > voxel_threshold,
-                    origin,
-                    index,
-                    volume,
-                    min_lesion_ml,
-                    midline,
-                )
-                if lesions:
-                    mask = np.zeros(volume.shape, dtype=bool)
-                    mask[box] = box_mask
-        findings.append(
-            FindingResult(
-                index=index,
-                abnormality=label.abnormality,
-                probability=probability,
-                threshold=float(label.threshold),
-                present=present,
-                mask=mask,
-                lesions=lesions,
-            )
+    summary: LungSummary | None = None
+    field_used: LungField | None = None
+    if options.anatomy:
+        if lungs is None:
+            lungs = lung_field(volume.hu, volume.affine_lps)
+        summary = LungSummary(lungs.found, dict(lungs.volume_ml), lungs.laa950_percent)
+        if lungs.found:
+            field_used = lungs
+        else:
+            logger.warning("no lung field found: findings are not restricted to the lungs")
+    ctx = _Context(volume=volume, options=options, lungs=field_used)
+    # Nodules first: another focal finding's lesion that is a nodule is not reported twice.
+    order = sorted(range(n), key=lambda i: card.labels[i].abnormality.key not in BLOB_FINDINGS)
+    done: dict[int, FindingResult] = {}
+    nodules: BoolArray | None = None
+    for index in order:
+        label = card.labels[index]
+        finding = _finding(
+            index,
+            label,
+            float(probabilities[index]),
+            segmentation[index],
+            model_input,
+            ctx,
+            nodules if label.abnormality.key not in BLOB_FINDINGS else None,
         )
-        if present:
-            logger.info(
-                "finding %s present (p=%.3f >= %.3f): %d lesion(s)",
-                label.abnormality.key,
-                probability,
-                label.threshold,
-                len(lesions),
-            )
+        if label.abnormality.key in BLOB_FINDINGS and finding.mask is not None:
+            nodules = finding.mask if nodules is None else nodules | finding.mask
+        done[index] = finding
+    findings = tuple(done[i] for i in range(n))
     return AnalysisResult(
-        findings=tuple(findings),
-        report_text=result.report_text,
+        findings=findings,
+        report_text=reconcile_report(result.report_text, findings),
         fusion_attention=np.asarray(result.fusion_attention, dtype=np.float32),
         engine=result.engine,
         model_input_shape=tuple(int(s) for s in model_input.image.shape),
+        model_report_text=result.report_text,
+        lungs=summary,
+        options=options,
     )

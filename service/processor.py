@@ -19,6 +19,7 @@ from service.config import Settings
 from service.pipeline import OutputOptions, OutputUIDs, analyse_series
 from service.preview import write_preview
 from service.summary import summarize
+from service.warmup import warm_up
 from service.worker import ClaimedJob, ProcessOutcome
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def output_options(settings: Settings) -> OutputOptions:
         seg_series_description=seg.series_description,
         sr_series_number=sr.series_number,
         sr_series_description=sr.series_description,
+        max_lesions=sr.max_lesions_per_finding,
         segmentation_type=seg.segmentation_type,
         omit_empty_frames=seg.omit_empty_frames,
         device_serial=settings.dicom.ae_title,
@@ -77,6 +79,10 @@ class UniCTProcessor:
                 self._error = f"{type(exc).__name__}: {exc}"
                 logger.error("model not loaded: %s", self._error)
                 raise
+            try:
+                warm_up(engine, bundle.card, self.options)
+            except Exception as exc:  # a cold first job is slower, not wrong: stay up
+                logger.warning("warm-up failed: %s: %s", type(exc).__name__, exc)
             self._bundle, self._engine = bundle, engine
             logger.info(
                 "model %s %s loaded on engine %s",

@@ -7,15 +7,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.lung_field import LOBE_NAMES
 from service.pipeline import PipelineResult
 
 
 def summarize(result: PipelineResult, preview: str | None = None) -> dict[str, Any]:
     """JSON-ready summary of an analysed series."""
     analysis = result.analysis
+    lungs = analysis.lungs
     return {
         "engine": analysis.engine,
         "report_text": analysis.report_text,
+        "model_report_text": analysis.model_report_text,
+        "lungs": None
+        if lungs is None
+        else {
+            "found": lungs.found,
+            "volume_ml": {side: round(v, 1) for side, v in lungs.volume_ml.items()},
+            "laa950_percent": round(lungs.laa950_percent, 2),
+        },
         "findings": [
             {
                 "code": f.abnormality.code,
@@ -24,6 +34,18 @@ def summarize(result: PipelineResult, preview: str | None = None) -> dict[str, A
                 "probability": round(float(f.probability), 4),
                 "threshold": round(float(f.threshold), 4),
                 "present": bool(f.present),
+                "pattern": f.pattern,
+                "localised": f.mask is not None,
+                "lesion_count": f.lesion_count,
+                "extent": None
+                if f.extent is None
+                else {
+                    "volume_ml": round(f.extent.volume_ml, 2),
+                    "percent_of_lung": {
+                        side: round(v, 2) for side, v in f.extent.percent_of_lung.items()
+                    },
+                    "lobes": [LOBE_NAMES[c] for c in f.extent.lobes],
+                },
                 "lesions": [
                     {
                         "number": les.lesion_number,
@@ -31,6 +53,7 @@ def summarize(result: PipelineResult, preview: str | None = None) -> dict[str, A
                         "longest_axial_diameter_mm": round(les.longest_axial_diameter_mm, 1),
                         "centroid_lps": [round(c, 1) for c in les.centroid_lps],
                         "laterality": str(les.laterality),
+                        "lobe": les.lobe_name,
                     }
                     for les in f.lesions
                 ],

@@ -13,7 +13,7 @@ missing punctuation, repeated sentences).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -110,7 +110,12 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 
 def _location(lesions: Sequence[Lesion]) -> str:
-    lobes = sorted({LOBES.index(les.location) for les in lesions if les.location in LOBES})
+    return location_phrase(LOBES.index(les.location) for les in lesions if les.location in LOBES)
+
+
+def location_phrase(lobe_indices: Iterable[int]) -> str:
+    """Where findings in these lobes (indices into :data:`LOBES`) are, as a report says it."""
+    lobes = sorted(set(lobe_indices))
     if not lobes:
         return "the lungs"
     if len(lobes) == 1:
@@ -282,7 +287,12 @@ def _tokens(text: str) -> list[str]:
 
 
 def read_findings(text: str) -> npt.NDArray[np.bool_]:
-    """Which abnormalities a report asserts as present.
+    """Which abnormalities a report asserts as present (see :func:`read_mentions`)."""
+    return read_mentions(text)[0]
+
+
+def read_mentions(text: str) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Which abnormalities a report asserts as present, and which it negates.
 
     Parameters
     ----------
@@ -291,13 +301,15 @@ def read_findings(text: str) -> npt.NDArray[np.bool_]:
 
     Returns
     -------
-    ``(10,)`` bool in :data:`model.labels.LABEL_KEYS` order. A mention counts unless a
-    negation cue (``no``, ``without``...) precedes it in the same clause with only filler
-    words between (or a conjunction continues a negated list); an abnormality is present
-    when at least one of its mentions is not negated.
+    Two ``(10,)`` bool arrays in :data:`model.labels.LABEL_KEYS` order: present and
+    negated. A mention counts unless a negation cue (``no``, ``without``...) precedes it
+    in the same clause with only filler words between (or a conjunction continues a
+    negated list); an abnormality is present when at least one of its mentions is not
+    negated, negated when at least one is.
     """
     tokens = _tokens(text)
     present = np.zeros(len(LABEL_KEYS), dtype=np.bool_)
+    negated = np.zeros(len(LABEL_KEYS), dtype=np.bool_)
     negating = False  # inside a negation scope
     after_negated = False  # just after a negated mention (a conjunction may continue the list)
     i = 0
@@ -309,7 +321,9 @@ def read_findings(text: str) -> npt.NDArray[np.bool_]:
         )
         if match is not None:
             pat, label = match
-            if not negating:
+            if negating:
+                negated[label] = True
+            else:
                 present[label] = True
             after_negated = negating
             negating = False
@@ -322,4 +336,4 @@ def read_findings(text: str) -> npt.NDArray[np.bool_]:
         else:
             negating, after_negated = False, False
         i += 1
-    return present
+    return present, negated

@@ -33,7 +33,8 @@ from pydicom.valuerep import DA, TM
 
 from model.card import ModelCard
 from service.outputs.charset import output_character_set
-from service.outputs.seg import contributing_equipment, segmented_findings
+from service.outputs.identity import contributing_equipment
+from service.outputs.seg import segmented_findings
 from service.postprocess import AnalysisResult, FindingResult
 from service.preview import LUNG_WINDOW
 from service.volume import SourceVolume

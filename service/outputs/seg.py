@@ -41,6 +41,7 @@ from pydicom.valuerep import format_number_as_ds
 from model.card import ModelCard
 from model.labels import CodedConcept as CardConcept
 from service.outputs.charset import output_character_set
+from service.outputs.identity import contributing_equipment
 from service.postprocess import AnalysisResult, FindingResult
 from service.volume import SourceVolume
 
@@ -48,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 #: Segmented Property Category of every segment (CID 7150).
 CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
-#: Anatomic Region of every segment: the findings are in the lung or pleura.
-ANATOMIC_REGION = codes.SCT.Lung
+#: Anatomic Region of a segment, by the finding's site (the card's ``site``).
+ANATOMIC_REGION = {"lung": codes.SCT.Lung, "pleura": codes.SCT.Pleura}
 
 
 def coded(concept: CardConcept) -> hd.sr.CodedConcept:
@@ -78,18 +79,6 @@ def algorithm_identification(card: ModelCard) -> hd.AlgorithmIdentificationSeque
     )
 
 
-def contributing_equipment(card: ModelCard, description: str) -> hd.ContributingEquipment:
-    """The model as processing equipment (IHE AI Results: identify the algorithm)."""
-    return hd.ContributingEquipment(
-        manufacturer=card.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=card.name,
-        software_versions=card.version,
-        contribution_datetime=dt.datetime.now(),
-        contribution_description=description,
-    )
-
-
 def segmented_findings(analysis: AnalysisResult) -> tuple[FindingResult, ...]:
     """Present findings with a non-empty mask, in card order; segment ``i + 1`` is item ``i``."""
     return tuple(
@@ -112,7 +101,7 @@ def segment_descriptions(
             algorithm_identification=algorithm,
             tracking_id=finding.abnormality.name[:64],
             tracking_uid=hd.UID(),
-            anatomic_regions=[ANATOMIC_REGION],
+            anatomic_regions=[ANATOMIC_REGION[finding.abnormality.site]],
             display_color=hd.color.CIELabColor.from_rgb(*finding.abnormality.color_rgb),
         )
         for number, finding in enumerate(findings, start=1)

@@ -2,23 +2,35 @@
 
 Content tree (PS3.16 TID 1500):
 
-- observation context: the model as a device observer (TID 1004: UID, name,
-  manufacturer, model = version), as the IHE AI Results profile asks;
-- procedure reported: CT chest;
-- imaging measurements (row 6), two measurement groups per lesion that share one
-  tracking identifier and tracking UID (the same lesion, tracked in both):
+- observation context: the model as a device observer (TID 1004: the algorithm's Device
+  UID, name, manufacturer, model = version), as the IHE AI Results profile asks;
+- procedure reported: CT chest (the imaging procedure, not the algorithm);
+- imaging measurements (row 6):
 
-  - TID 1410 planar ROI on the lesion's key slice: its region an SCOORD POLYLINE of
-    the longest in-plane diameter on that CT instance, finding = card concept,
-    finding site lung with laterality, Long axis (mm) of that line;
-  - TID 1411 volumetric ROI referencing the SEG segment (and the source series),
-    same finding and site, Volume (mL) and Long axis (mm);
+  - each itemised lesion of a focal finding (at most ``max_lesions`` per finding,
+    largest first): two measurement groups that share one tracking identifier and
+    tracking UID (the same lesion, tracked in both):
+
+    - TID 1410 planar ROI on the lesion's key slice: its region an SCOORD POLYLINE of
+      the longest in-plane diameter on that CT instance, finding = card concept,
+      finding site its lobe (geometric) with laterality, Long axis (mm) of that line;
+    - TID 1411 volumetric ROI referencing the SEG segment (and the source series),
+      same finding and site, Volume (mL) and Long axis (mm);
+
+  - each diffuse finding with a segment: one TID 1410 group, its region an SCOORD
+    POINT inside the finding on its key slice (where a viewer marks it), finding sites
+    the lobes involved, Volume (mL) and Extent (SCT 260858005, %) of the right and of
+    the left lung;
 
 - qualitative evaluations (row 12, UMLS C0034375) of the whole study: for each of
   the card's abnormalities a CODE (row 13) card concept = Present (SCT 52101004) or
   Absent (SCT 2667000), with properties TEXT Finding (DCM 121071) = the card's name,
-  Probability (DCM 122157) and Threshold Value (DCM 122411), unit ``1``; the generated report as TEXT Findings (DCM 121070,
-  row 14) and the clinical-use statement as TEXT Comment.
+  Probability (DCM 122157) and Threshold Value (DCM 122411), unit ``1``; a focal
+  finding's Number of lesions (SCT 246206008) with a comment when more are in the SEG
+  than itemised; a present finding of which nothing could be localised says so; the
+  emphysema row carries the quantitative index LAA-950 (%) with its method. Then the
+  report as TEXT Findings (DCM 121070, row 14) and the clinical-use statement as TEXT
+  Comment.
 
 Why not one TID 1501 group per abnormality under imaging measurements: OHIF (3.13)
 turns every measurement group into an annotation and fails to open a report with
@@ -38,12 +50,19 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from model.card import ModelCard
 from service.outputs.charset import output_character_set
-from service.outputs.seg import coded, contributing_equipment, segmented_findings
-from service.postprocess import AnalysisResult, FindingResult, LesionMeasurement, LongAxis
+from service.outputs.identity import contributing_equipment, device_uid
+from service.outputs.seg import coded, segmented_findings
+from service.postprocess import (
+    AnalysisResult,
+    Extent,
+    FindingResult,
+    LesionMeasurement,
+    LongAxis,
+    LungSummary,
+)
 from service.volume import SourceVolume
 
 logger = logging.getLogger(__name__)
@@ -56,7 +75,12 @@ PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 THRESHOLD = hd.sr.CodedConcept("122411", "DCM", "Threshold Value")
 VOLUME = codes.SCT.Volume
 LONG_AXIS = codes.SCT.LongAxis
+EXTENT = codes.SCT.Extent
+NUMBER_OF_LESIONS = codes.SCT.NumberOfLesions
+#: The emphysema index: percent of lung voxels below -950 HU. No standard code names it.
+LAA_950 = hd.sr.CodedConcept("LAA950", "99UNICT", "Low attenuation area below -950 HU")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+PERCENT = codes.UCUM.Percent
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 MILLIMETRE = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
@@ -66,11 +90,20 @@ COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 #: What highdicom's MeasurementReport writes when no language is given (TID 1204).
 DEFAULT_LANGUAGE = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 _LATERALITY = {"left": codes.SCT.Left, "right": codes.SCT.Right}
-
-
-def device_uid(card: ModelCard) -> str:
-    """A UID for the model as a device observer, stable for one name and version."""
-    return str(generate_uid(entropy_srcs=["unict-node device observer", card.name, card.version]))
+#: Lobe codes of service.lung_field as (anatomic location, laterality).
+_LOBE_SITES = {
+    1: (codes.SCT.UpperLobeOfLung, codes.SCT.Right),
+    2: (codes.SCT.MiddleLobeOfRightLung, codes.SCT.Right),
+    3: (codes.SCT.LowerLobeOfLung, codes.SCT.Right),
+    4: (codes.SCT.UpperLobeOfLung, codes.SCT.Left),
+    5: (codes.SCT.LowerLobeOfLung, codes.SCT.Left),
+}
+_SITE = {"lung": codes.SCT.Lung, "pleura": codes.SCT.Pleura}
+#: What the SR says when the series' lung field could not be found.
+NO_LUNG_FIELD = (
+    "No lung field was found in this series: the findings are not restricted to the "
+    "lungs or pleura and no lobe is named. Check that the series is a chest CT."
+)
 
 
 def _observation_context(card: ModelCard) -> hd.sr.ObservationContext:
@@ -100,10 +133,19 @@ def _algorithm(card: ModelCard) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _finding_sites(lesion: LesionMeasurement) -> list[hd.sr.FindingSite]:
+def _lobe_site(code: int) -> hd.sr.FindingSite:
+    location, laterality = _LOBE_SITES[code]
+    return hd.sr.FindingSite(anatomic_location=location, laterality=laterality)
+
+
+def _finding_sites(finding: FindingResult, lesion: LesionMeasurement) -> list[hd.sr.FindingSite]:
+    """The lesion's lobe, else the finding's site (lung or pleura) with the side."""
+    if lesion.lobe in _LOBE_SITES:
+        return [_lobe_site(lesion.lobe)]
     return [
         hd.sr.FindingSite(
-            anatomic_location=codes.SCT.Lung, laterality=_LATERALITY.get(lesion.laterality)
+            anatomic_location=_SITE[finding.abnormality.site],
+            laterality=_LATERALITY.get(lesion.laterality),
         )
     ]
 
@@ -156,7 +198,7 @@ def _planar_group(
         finding_type=coded(finding.abnormality.concept),
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=_algorithm(card),
-        finding_sites=_finding_sites(lesion),
+        finding_sites=_finding_sites(finding, lesion),
         measurements=[_long_axis(lesion)],
     )
 
@@ -188,11 +230,59 @@ def _volumetric_group(
         finding_type=coded(finding.abnormality.concept),
         finding_category=codes.SCT.MorphologicallyAbnormalStructure,
         algorithm_id=_algorithm(card),
-        finding_sites=_finding_sites(lesion),
+        finding_sites=_finding_sites(finding, lesion),
         measurements=[
             hd.sr.Measurement(name=VOLUME, value=round(lesion.volume_ml, 4), unit=MILLILITRE),
             _long_axis(lesion),
         ],
+    )
+
+
+def _extent_group(
+    finding: FindingResult,
+    extent: Extent,
+    volume: SourceVolume,
+    card: ModelCard,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410: a diffuse finding's extent, marked by a point inside it on its key slice."""
+    source = volume.datasets[extent.key_slice]
+    row, column = extent.key_point
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[column + 0.5, row + 0.5]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=source.SOPClassUID,
+            referenced_sop_instance_uid=source.SOPInstanceUID,
+        ),
+    )
+    measurements = [
+        hd.sr.Measurement(name=VOLUME, value=round(extent.volume_ml, 2), unit=MILLILITRE),
+        *(
+            hd.sr.Measurement(
+                name=EXTENT,
+                value=round(float(extent.percent_of_lung[side]), 2),
+                unit=PERCENT,
+                finding_sites=[
+                    hd.sr.FindingSite(
+                        anatomic_location=codes.SCT.Lung, laterality=_LATERALITY[side]
+                    )
+                ],
+            )
+            for side in ("right", "left")
+        ),
+    ]
+    sites = [_lobe_site(code) for code in extent.lobes if code in _LOBE_SITES]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{finding.abnormality.name} extent"
+        ),
+        referenced_region=region,
+        finding_type=coded(finding.abnormality.concept),
+        finding_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_id=_algorithm(card),
+        finding_sites=sites
+        or [hd.sr.FindingSite(anatomic_location=_SITE[finding.abnormality.site])],
+        measurements=measurements,
     )
 
 
@@ -210,7 +300,69 @@ def _segment_numbers(seg: Dataset, analysis: AnalysisResult) -> dict[int, int]:
     return numbers
 
 
-def _evaluation(finding: FindingResult) -> hd.sr.CodeContentItem:
+def _text_property(name: hd.sr.CodedConcept, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES
+    )
+
+
+def _number_property(
+    name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept
+) -> hd.sr.NumContentItem:
+    return hd.sr.NumContentItem(
+        name=name,
+        value=value,
+        unit=unit,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+
+
+def laa950_method(lungs: LungSummary, volume: SourceVolume) -> str:
+    """How LAA-950 was measured, in words a reader can check."""
+    thickness = volume.slice_thickness or volume.spacing[0]
+    return (
+        "LAA-950: percent of lung voxels below -950 HU, HU as stored (no smoothing), over "
+        f"the automatic lung field (right {lungs.volume_ml['right']:.0f} mL, left "
+        f"{lungs.volume_ml['left']:.0f} mL; trachea and main bronchi excluded), "
+        f"{thickness:g} mm slices. Reconstruction kernel and slice thickness change it; "
+        "above about 6% on thin sharp-kernel series is usually called emphysema."
+    )
+
+
+def _finding_properties(
+    finding: FindingResult, analysis: AnalysisResult, volume: SourceVolume
+) -> list[hd.sr.ContentItem]:
+    """What row 13 says beyond Present/Absent: lesion counts, localisation, LAA-950."""
+    items: list[hd.sr.ContentItem] = []
+    if finding.present and finding.pattern == "focal" and finding.mask is not None:
+        items.append(_number_property(NUMBER_OF_LESIONS, finding.lesion_count, NO_UNITS))
+        if finding.lesion_count > len(finding.lesions):
+            items.append(
+                _text_property(
+                    COMMENT,
+                    f"The {len(finding.lesions)} largest lesions are itemised; "
+                    f"{finding.lesion_count - len(finding.lesions)} more are in the SEG segment.",
+                )
+            )
+    if finding.present and finding.mask is None:
+        where = "the pleura" if finding.abnormality.site == "pleura" else "the lungs"
+        items.append(
+            _text_property(
+                COMMENT,
+                f"Not localised: the model's probability is above threshold, but nothing of "
+                f"its segmentation lies in {where} at a reportable size.",
+            )
+        )
+    lungs = analysis.lungs
+    if finding.abnormality.key == "emphysema" and lungs is not None and lungs.found:
+        items.append(_number_property(LAA_950, round(lungs.laa950_percent, 2), PERCENT))
+        items.append(_text_property(COMMENT, laa950_method(lungs, volume)))
+    return items
+
+
+def _evaluation(
+    finding: FindingResult, analysis: AnalysisResult, volume: SourceVolume
+) -> hd.sr.CodeContentItem:
     """TID 1500 row 13: one abnormality Present or Absent, with its probability and threshold."""
     item = hd.sr.CodeContentItem(
         name=coded(finding.abnormality.concept),
@@ -235,19 +387,20 @@ def _evaluation(finding: FindingResult) -> hd.sr.CodeContentItem:
         )
         for name, value in ((PROBABILITY, finding.probability), (THRESHOLD, finding.threshold))
     )
+    properties.extend(_finding_properties(finding, analysis, volume))
     item.ContentSequence = hd.sr.ContentSequence(properties)
     return item
 
 
 def _qualitative_evaluations(
-    analysis: AnalysisResult, card: ModelCard
+    analysis: AnalysisResult, card: ModelCard, volume: SourceVolume
 ) -> hd.sr.ContainerContentItem:
     """TID 1500 row 12: every abnormality (row 13), the report text and the use statement
     (row 14)."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-    items: list[hd.sr.ContentItem] = [_evaluation(f) for f in analysis.findings]
+    items: list[hd.sr.ContentItem] = [_evaluation(f, analysis, volume) for f in analysis.findings]
     if analysis.report_text.strip():
         items.append(
             hd.sr.TextContentItem(
@@ -256,12 +409,14 @@ def _qualitative_evaluations(
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    items.append(
+    comments = [card.clinical_use]
+    if analysis.lungs is not None and not analysis.lungs.found:
+        comments.append(NO_LUNG_FIELD)
+    items.extend(
         hd.sr.TextContentItem(
-            name=COMMENT,
-            value=card.clinical_use,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
+        for text in comments
     )
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
@@ -349,6 +504,8 @@ def build_sr(
     ] = []
     for finding in analysis.findings:
         number = numbers.get(finding.index)
+        if finding.extent is not None:
+            groups.append(_extent_group(finding, finding.extent, volume, card))
         for lesion in finding.lesions:
             tracking_uid = hd.UID()
             groups.append(_planar_group(finding, lesion, tracking_uid, volume, card))
@@ -357,7 +514,7 @@ def build_sr(
                     _volumetric_group(finding, lesion, tracking_uid, seg, number, volume, card)
                 )
     root = _report_root(groups, card)
-    root.ContentSequence.append(_qualitative_evaluations(analysis, card))
+    root.ContentSequence.append(_qualitative_evaluations(analysis, card, volume))
 
     evidence: list[Dataset] = [*volume.datasets, *([seg] if seg is not None else [])]
     sr = hd.sr.Comprehensive3DSR(

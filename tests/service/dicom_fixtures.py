@@ -98,11 +98,14 @@ def sphere_phantom(
     affine: npt.NDArray[np.float64],
     spheres: Sequence[Sphere],
 ) -> npt.NDArray[np.int16]:
-    """HU volume: air outside a body cylinder, lung inside, soft-tissue spheres."""
+    """HU volume of a chest: air outside a body cylinder (radius 90 mm) with a soft-tissue
+    wall 10 mm thick, two lungs inside it either side of a mediastinum 16 mm wide, and
+    soft-tissue spheres."""
     lps = voxel_centres_lps(shape, affine)
     hu = np.full(shape, AIR_HU, dtype=np.int16)
-    body = np.hypot(lps[..., 0], lps[..., 1]) < 90.0
-    hu[body] = LUNG_HU
+    radius = np.hypot(lps[..., 0], lps[..., 1])
+    hu[radius < 90.0] = LESION_HU
+    hu[(radius < 80.0) & (np.abs(lps[..., 0]) > 8.0)] = LUNG_HU
     for sphere in spheres:
         inside = np.linalg.norm(lps - np.array(sphere.centre_lps), axis=-1) <= sphere.radius_mm
         hu[inside] = LESION_HU

@@ -35,10 +35,13 @@ from tests.service.dicom_fixtures import (
 NODULE = label_index("nodule")
 T = TypeVar("T")
 RADIUS_MM = 20.0
+#: Where the test double's nodule is: in the right lung of the test phantom (LPS mm).
+NODULE_CENTRE_X = -45.0
 
 
 class FakeEngine(Engine):
-    """Test double of an engine: a sphere of 20 mm radius at the model grid's centre.
+    """Test double of an engine: a sphere of 20 mm radius in the right lung (45 mm right
+    of the model grid's centre, where the series of these tests has a soft-tissue sphere).
 
     It stands in for the real model, which another part of the project provides.
     """
@@ -64,6 +67,8 @@ class FakeEngine(Engine):
             raise RuntimeError("device lost")
         grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in image.shape), indexing="ij")
         centre = (np.array(image.shape) - 1) / 2.0
+        # Model axes run inferior->superior, right->left, anterior->posterior (SLP).
+        centre[1] += NODULE_CENTRE_X / self.spacing[1]
         distance = np.sqrt(
             sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, self.spacing, strict=True))
         )
@@ -75,20 +80,27 @@ class FakeEngine(Engine):
             probabilities=probabilities[: self.probabilities],
             segmentation=segmentation,
             report_tokens=(5, 6),
-            report_text="A 40 mm nodule in the centre of the volume.",
+            report_text="A 40 mm nodule in the left upper lobe.",
             fusion_attention=np.eye(3, dtype=np.float32),
             engine=self.name,
         )
 
 
-@pytest.fixture(scope="module")
-def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def write_fake_engine_series(out_dir: Path, **kwargs: object) -> list[Path]:
+    """The test chest with the soft-tissue sphere :class:`FakeEngine` segments (keyword
+    arguments go to ``write_ct_series``)."""
     return write_phantom_series(
-        tmp_path_factory.mktemp("pipeline"),
+        out_dir,
         (40, 128, 128),
         axial_affine(),
-        instance_order="shuffled",
+        (Sphere((NODULE_CENTRE_X, 0.0, 0.0), RADIUS_MM, NODULE),),
+        **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_fake_engine_series(tmp_path_factory.mktemp("pipeline"), instance_order="shuffled")
 
 
 def test_analyse_series(series: list[Path]) -> None:
@@ -187,6 +199,20 @@ def test_a_full_size_series_goes_through_load_postprocess_and_outputs(tmp_path: 
     """
     affine = axial_affine(spacing=(1.0, 0.7, 0.7), origin=(-178.85, -178.85, -150.0))
     hu = np.full((300, 512, 512), -850, dtype=np.int16)
+    spheres = (
+        Sphere((-60.0, -20.0, -10.0), 12.0, label_index("nodule")),
+        Sphere((50.0, 10.0, 20.0), 25.0, label_index("consolidation")),
+        Sphere((40.0, -40.0, -60.0), 8.0, label_index("ground_glass_opacity")),
+    )
+    for sphere in spheres:  # the lesions are in the CT too (a nodule must look like one)
+        centre = np.linalg.solve(affine, [*sphere.centre_lps, 1.0])[:3]
+        reach = np.ceil(sphere.radius_mm / np.array([1.0, 0.7, 0.7])).astype(int)
+        lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+        box = tuple(slice(a, b) for a, b in zip(lo, lo + 2 * reach + 2, strict=True))
+        k, r, c = np.meshgrid(*(np.arange(b.start, b.stop) for b in box), indexing="ij")
+        lps = affine[:3, :3] @ np.stack([k.ravel(), r.ravel(), c.ravel()]) + affine[:3, 3:4]
+        inside = np.linalg.norm(lps.T - sphere.centre_lps, axis=1).reshape(k.shape)
+        hu[box][inside <= sphere.radius_mm] = 40
     paths = write_ct_series(
         hu, affine, tmp_path, patient_name="Perf^Test", patient_id="PERF", instance_order="shuffled"
     )
@@ -195,11 +221,6 @@ def test_a_full_size_series_goes_through_load_postprocess_and_outputs(tmp_path: 
     assert volume.shape == (300, 512, 512)
     card = make_card()
     model_input = preprocess_stage(volume, card)
-    spheres = (
-        Sphere((-60.0, -20.0, -10.0), 12.0, label_index("nodule")),
-        Sphere((50.0, 10.0, 20.0), 25.0, label_index("consolidation")),
-        Sphere((40.0, -40.0, -60.0), 8.0, label_index("ground_glass_opacity")),
-    )
     result = fake_result(model_input, spheres)
     analysis, post_s = _timed(lambda: postprocess(result, model_input, volume, card))
     assert [f.abnormality.key for f in analysis.present] == [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,13 @@ from PIL import Image
 from service.pipeline import OutputOptions, analyse_series
 from service.preview import best_slice, write_preview
 from service.summary import summarize
-from tests.service.dicom_fixtures import axial_affine, make_card, write_phantom_series
-from tests.service.test_pipeline import NODULE, FakeEngine
+from tests.service.dicom_fixtures import make_card
+from tests.service.test_pipeline import NODULE, FakeEngine, write_fake_engine_series
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    series = write_phantom_series(
-        tmp_path_factory.mktemp("summary"), (40, 128, 128), axial_affine()
-    )
+    series = write_fake_engine_series(tmp_path_factory.mktemp("summary"))
     card = make_card()
     return analyse_series(series, FakeEngine(card), card, OutputOptions())
 
@@ -31,6 +30,11 @@ def test_summary_lists_every_finding_without_patient_data(result) -> None:  # ty
     nodule = summary["findings"][NODULE]
     assert nodule["present"] and nodule["probability"] == pytest.approx(0.95)
     assert nodule["lesions"][0]["volume_ml"] > 0
+    assert nodule["lesions"][0]["lobe"].startswith("right ")
+    assert nodule["lesion_count"] == 1 and nodule["localised"]
+    assert summary["lungs"]["found"] and summary["lungs"]["laa950_percent"] == 0.0
+    assert re.match(r"A 4\d mm nodule in the right ", summary["report_text"])
+    assert summary["model_report_text"] == "A 40 mm nodule in the left upper lobe."
     assert sum(f["present"] for f in summary["findings"]) == 1
     assert summary["sr_sop_instance_uid"] == str(result.sr.SOPInstanceUID)
     assert summary["seg_sop_instance_uid"] == str(result.seg.SOPInstanceUID)

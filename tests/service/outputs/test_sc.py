@@ -103,10 +103,10 @@ def test_dciodvfy_has_no_errors(phantom: AnalysedPhantom, tmp_path: Path) -> Non
 
 def test_pipeline_adds_key_images_when_enabled(tmp_path: Path) -> None:
     from service.pipeline import OutputOptions, OutputUIDs, analyse_series
-    from tests.service.dicom_fixtures import axial_affine, make_card, write_phantom_series
-    from tests.service.test_pipeline import FakeEngine
+    from tests.service.dicom_fixtures import make_card
+    from tests.service.test_pipeline import FakeEngine, write_fake_engine_series
 
-    series = write_phantom_series(tmp_path, (40, 128, 128), axial_affine())
+    series = write_fake_engine_series(tmp_path)
     card = make_card()
     off = analyse_series(series, FakeEngine(card), card, OutputOptions())
     assert off.sc == ()

@@ -30,6 +30,7 @@ from tests.service.dicom_fixtures import (
     save,
     write_and_read,
 )
+from tests.service.outputs.test_sr import assert_ihe_air_algorithm
 
 LABEL_MAP_SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.7"
 NODULE = Sphere((-40.0, 10.0, 0.0), 18.0, label_index("nodule"))
@@ -85,10 +86,7 @@ def test_binary_seg_content(phantom: AnalysedPhantom) -> None:
     assert seg.Manufacturer == card.manufacturer
     assert seg.ManufacturerModelName == card.name and seg.SoftwareVersions == card.version
     assert seg.DeviceSerialNumber
-    models = {
-        (e.ManufacturerModelName, e.SoftwareVersions) for e in seg.ContributingEquipmentSequence
-    }
-    assert (card.name, card.version) in models
+    assert_ihe_air_algorithm(seg, card)
 
     # Segments: the present findings, in card order, numbered from 1.
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2]

@@ -15,12 +15,17 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage
 
+from model.card import ModelCard
 from model.labels import label_index
+from service.outputs.identity import PROCESSING_ALGORITHM, device_uid
 from service.outputs.seg import build_seg
 from service.outputs.sr import (
     ABSENT,
+    EXTENT,
     FINDING,
+    LAA_950,
     LONG_AXIS,
+    NUMBER_OF_LESIONS,
     PRESENT,
     PROBABILITY,
     THRESHOLD,
@@ -42,6 +47,14 @@ from tests.service.dicom_fixtures import (
 NODULE = Sphere((-40.0, 10.0, 0.0), 18.0, label_index("nodule"))
 SECOND_NODULE = Sphere((50.0, 0.0, 10.0), 10.0, label_index("nodule"))
 GGO = Sphere((45.0, -5.0, -20.0), 12.0, label_index("ground_glass_opacity"))
+#: Lobe codes of service.lung_field as the SR's (anatomic location, laterality).
+LOBE_SITE = {
+    1: (codes.SCT.UpperLobeOfLung, codes.SCT.Right),
+    2: (codes.SCT.MiddleLobeOfRightLung, codes.SCT.Right),
+    3: (codes.SCT.LowerLobeOfLung, codes.SCT.Right),
+    4: (codes.SCT.UpperLobeOfLung, codes.SCT.Left),
+    5: (codes.SCT.LowerLobeOfLung, codes.SCT.Left),
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +105,7 @@ def test_document(sr: Dataset, seg: Dataset, phantom: AnalysedPhantom) -> None:
         "PRELIMINARY",
     )
     assert sr.Manufacturer == card.manufacturer and sr.ManufacturerModelName == card.name
-    models = {
-        (e.ManufacturerModelName, e.SoftwareVersions) for e in sr.ContributingEquipmentSequence
-    }
-    assert (card.name, card.version) in models
+    assert_ihe_air_algorithm(sr, card)
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
@@ -107,6 +117,30 @@ def test_document(sr: Dataset, seg: Dataset, phantom: AnalysedPhantom) -> None:
     assert root.TemplateIdentifier == "1500"
 
 
+def assert_ihe_air_algorithm(dataset: Dataset, card: ModelCard) -> None:
+    """IHE AI Results: exactly one Contributing Equipment item is the algorithm, with its
+    Purpose of Reference, manufacturer, model name, software version and Device UID (the
+    other items are the source's acquisition equipment and highdicom, the library)."""
+    algorithms = [
+        e
+        for e in dataset.ContributingEquipmentSequence
+        if e.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value
+    ]
+    (equipment,) = algorithms
+    (purpose,) = equipment.PurposeOfReferenceCodeSequence
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == (
+        "Newcode1",
+        "99IHE",
+        "Processing Algorithm",
+    )
+    assert (equipment.ManufacturerModelName, equipment.SoftwareVersions) == (
+        card.name,
+        card.version,
+    )
+    assert equipment.Manufacturer == card.manufacturer
+    assert equipment.DeviceUID == device_uid(card)
+
+
 def test_observer_is_the_model(sr: Dataset, phantom: AnalysedPhantom) -> None:
     report = report_of(sr)
     (observer,) = report.get_observer_contexts(observer_type=codes.DCM.Device)
@@ -115,6 +149,15 @@ def test_observer_is_the_model(sr: Dataset, phantom: AnalysedPhantom) -> None:
     assert attributes.name == phantom.card.name
     assert attributes.model_name == phantom.card.version
     assert attributes.manufacturer_name == phantom.card.manufacturer
+    assert attributes.uid == device_uid(phantom.card)
+
+
+def test_device_uid_changes_with_the_weights(phantom: AnalysedPhantom) -> None:
+    card = phantom.card
+    retrained = dataclasses.replace(card, checkpoint_sha256="0" * 64)
+    again = dataclasses.replace(card, checkpoint_sha256="0" * 64)
+    assert device_uid(retrained) != device_uid(card)
+    assert device_uid(retrained) == device_uid(again)
 
 
 def _container(sr: Dataset, code_value: str) -> Dataset:
@@ -154,6 +197,28 @@ def test_every_abnormality_in_qualitative_evaluations(
         assert probability.unit.value == threshold.unit.value == "1"
 
 
+def _lesion_groups(
+    sr: Dataset,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    return [
+        g
+        for g in report_of(sr).get_planar_roi_measurement_groups()
+        if isinstance(g.roi, hd.sr.ImageRegion)
+        and g.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    ]
+
+
+def _extent_groups(
+    sr: Dataset,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    return [
+        g
+        for g in report_of(sr).get_planar_roi_measurement_groups()
+        if isinstance(g.roi, hd.sr.ImageRegion)
+        and g.roi.graphic_type == hd.sr.GraphicTypeValues.POINT
+    ]
+
+
 def test_no_measurement_group_without_image_coordinates(sr: Dataset) -> None:
     """Every group is a planar ROI (SCOORD) or, for the same lesion, a volumetric ROI: OHIF
     cannot open a report with TID 1501 groups (no image coordinates)."""
@@ -161,15 +226,16 @@ def test_no_measurement_group_without_image_coordinates(sr: Dataset) -> None:
     assert report.get_image_measurement_groups() == []
     planar = {g.tracking_uid for g in report.get_planar_roi_measurement_groups()}
     volumetric = {g.tracking_uid for g in report.get_volumetric_roi_measurement_groups()}
-    assert planar == volumetric and len(planar) == 3
+    # Two nodules (a planar and a volumetric group each) and the ground-glass extent.
+    assert volumetric < planar and len(volumetric) == 2 and len(planar) == 3
 
 
 def test_one_planar_group_per_lesion(sr: Dataset, phantom: AnalysedPhantom) -> None:
-    """TID 1410: the long axis as a POLYLINE on the lesion's key slice."""
+    """TID 1410: the long axis as a POLYLINE on the lesion's key slice, in its lobe."""
     volume = phantom.volume
-    groups = report_of(sr).get_planar_roi_measurement_groups()
+    groups = _lesion_groups(sr)
     lesions = [(f, lesion) for f in phantom.analysis.findings for lesion in f.lesions]
-    assert len(groups) == len(lesions) == 3
+    assert len(groups) == len(lesions) == 2
     for group, (finding, lesion) in zip(groups, lesions, strict=True):
         assert (
             group.tracking_identifier == f"{finding.abnormality.name} lesion {lesion.lesion_number}"
@@ -177,10 +243,10 @@ def test_one_planar_group_per_lesion(sr: Dataset, phantom: AnalysedPhantom) -> N
         assert group.finding_type is not None
         assert group.finding_type.value == finding.abnormality.concept.value
         (site,) = group.finding_sites
-        assert site.value == codes.SCT.Lung
+        assert lesion.lobe in LOBE_SITE
+        assert (site.value, site.laterality) == LOBE_SITE[lesion.lobe]
         region = group.roi
         assert isinstance(region, hd.sr.ImageRegion)
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         source = volume.datasets[lesion.long_axis.slice_index]
         assert region.ContentSequence[0].referenced_sop_instance_uid == source.SOPInstanceUID
         assert region.ContentSequence[0].referenced_sop_class_uid == source.SOPClassUID
@@ -194,6 +260,58 @@ def test_one_planar_group_per_lesion(sr: Dataset, phantom: AnalysedPhantom) -> N
         assert _value(group, LONG_AXIS) == pytest.approx(lesion.longest_axial_diameter_mm, abs=0.01)
 
 
+def test_a_diffuse_finding_is_one_extent_group(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    """TID 1410 with a POINT inside the finding on its key slice: volume and percent of each
+    lung, the lobes involved as finding sites; never one group per component."""
+    ggo = phantom.analysis.findings[GGO.label_index]
+    assert ggo.extent is not None and ggo.lesions == () and ggo.mask is not None
+    (group,) = _extent_groups(sr)
+    assert group.tracking_identifier == "Ground-glass opacity extent"
+    region = group.roi
+    assert isinstance(region, hd.sr.ImageRegion)
+    (point,) = np.asarray(region.value)
+    key = phantom.volume.datasets[ggo.extent.key_slice]
+    assert region.ContentSequence[0].referenced_sop_instance_uid == key.SOPInstanceUID
+    column, row = np.floor(point).astype(int)
+    assert ggo.mask[ggo.extent.key_slice, row, column]
+    assert _value(group, codes.SCT.Volume) == pytest.approx(ggo.extent.volume_ml, abs=0.01)
+    assert _value(group, codes.SCT.Volume) == pytest.approx(GGO.volume_ml, rel=0.15)
+    extents = {
+        m.finding_sites[0].laterality.value: float(m.value)
+        for m in group.get_measurements(name=EXTENT)
+    }
+    assert extents[codes.SCT.Left.value] == pytest.approx(ggo.extent.percent_of_lung["left"], abs=0.01)
+    assert extents[codes.SCT.Right.value] == 0.0
+    sites = {(s.value, s.laterality) for s in group.finding_sites}
+    assert sites == {LOBE_SITE[code] for code in ggo.extent.lobes}
+    assert all(laterality == codes.SCT.Left for _, laterality in sites)
+
+
+def test_lesion_counts_and_the_emphysema_index(sr: Dataset, phantom: AnalysedPhantom) -> None:
+    """A focal finding says how many lesions it has; emphysema carries LAA-950 and its method."""
+    items = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item
+        for item in _container(sr, "C0034375").ContentSequence
+        if item.ValueType == "CODE"
+    }
+    nodule = {
+        p.ConceptNameCodeSequence[0].CodeValue: p
+        for p in items["Nodule"].ContentSequence
+    }
+    count = hd.sr.NumContentItem.from_dataset(nodule[NUMBER_OF_LESIONS.value])
+    assert count.value == 2
+    emphysema = {
+        p.ConceptNameCodeSequence[0].CodeValue: p
+        for p in items["Pulmonary emphysema"].ContentSequence
+    }
+    laa = hd.sr.NumContentItem.from_dataset(emphysema[LAA_950.value])
+    assert phantom.analysis.lungs is not None
+    assert laa.value == pytest.approx(phantom.analysis.lungs.laa950_percent, abs=0.01)
+    assert laa.unit.value == "%"
+    method = emphysema[codes.DCM.Comment.value] if "121106" not in emphysema else emphysema["121106"]
+    assert "below -950 HU" in method.TextValue and "lung field" in method.TextValue
+
+
 def test_one_volumetric_group_per_lesion(
     sr: Dataset, seg: Dataset, phantom: AnalysedPhantom
 ) -> None:
@@ -201,9 +319,11 @@ def test_one_volumetric_group_per_lesion(
     groups = report.get_volumetric_roi_measurement_groups()
     planar = report.get_planar_roi_measurement_groups()
     lesions = [(f, lesion) for f in phantom.analysis.findings for lesion in f.lesions]
-    assert len(groups) == len(lesions) == 3
+    assert len(groups) == len(lesions) == 2
     # The same lesion as the planar group: OHIF shows both groups' values on its line.
-    assert [g.tracking_uid for g in groups] == [g.tracking_uid for g in planar]
+    assert [g.tracking_uid for g in groups] == [
+        g.tracking_uid for g in planar if g.tracking_uid in {v.tracking_uid for v in groups}
+    ]
     segment_of = {NODULE.label_index: 2, GGO.label_index: 1}  # card order: GGO (7), nodule (8)
     for group, (finding, lesion) in zip(groups, lesions, strict=True):
         assert (
@@ -212,7 +332,7 @@ def test_one_volumetric_group_per_lesion(
         assert group.finding_type is not None
         assert group.finding_type.value == finding.abnormality.concept.value
         (site,) = group.finding_sites
-        assert site.value == codes.SCT.Lung
+        assert (site.value, site.laterality) == LOBE_SITE[lesion.lobe]
         assert site.laterality == (
             codes.SCT.Right if lesion.laterality == "right" else codes.SCT.Left
         )
@@ -256,7 +376,7 @@ def test_without_seg_planar_groups_only(phantom: AnalysedPhantom) -> None:
         )
     )
     report = report_of(sr)
-    assert len(report.get_planar_roi_measurement_groups()) == 3
+    assert len(report.get_planar_roi_measurement_groups()) == 3  # two lesions, one extent
     assert report.get_volumetric_roi_measurement_groups() == []
     codes_ = [i for i in _container(sr, "C0034375").ContentSequence if i.ValueType == "CODE"]
     assert len(codes_) == 10
@@ -266,7 +386,7 @@ def test_without_seg_planar_groups_only(phantom: AnalysedPhantom) -> None:
 def normal_sr(phantom: AnalysedPhantom) -> Dataset:
     """The report of a study where nothing was found: no lesion, so no measurement group."""
     findings = tuple(
-        dataclasses.replace(f, present=False, mask=None, lesions=())
+        dataclasses.replace(f, present=False, mask=None, lesions=(), lesion_count=0, extent=None)
         for f in phantom.analysis.findings
     )
     normal = dataclasses.replace(phantom.analysis, findings=findings)
@@ -295,7 +415,7 @@ def test_nothing_found_has_evaluations_but_no_imaging_measurements(normal_sr: Da
 def test_seg_of_another_analysis_is_refused(phantom: AnalysedPhantom, seg: Dataset) -> None:
     findings = list(phantom.analysis.findings)
     findings[NODULE.label_index] = dataclasses.replace(
-        findings[NODULE.label_index], mask=None, lesions=()
+        findings[NODULE.label_index], mask=None, lesions=(), lesion_count=0
     )
     other = dataclasses.replace(phantom.analysis, findings=tuple(findings))
     other_seg = build_seg(
@@ -360,9 +480,10 @@ def test_dcmqi_tid1500reader_parses(sr: Dataset, seg: Dataset, tmp_path: Path) -
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metadata = json.loads(out.read_text())
     measurements = metadata["Measurements"]
-    assert len(measurements) == 6  # per lesion, the planar and the volumetric group
+    # Per lesion the planar and the volumetric group; the ground-glass extent's group.
+    assert len(measurements) == 5
     volumetric = [m for m in measurements if "ReferencedSegment" in m]
-    assert sorted(m["ReferencedSegment"] for m in volumetric) == [1, 2, 2]
+    assert sorted(m["ReferencedSegment"] for m in volumetric) == [2, 2]
     for group in volumetric:
         quantities = {item["quantity"]["CodeMeaning"] for item in group["measurementItems"]}
         assert quantities == {"Volume", "Long axis"}
