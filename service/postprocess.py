@@ -471,7 +471,7 @@ class _Context:
     options: PostprocessOptions
     lungs: LungField | None
     _midline: float | None = None
-    _near: BoolArray | None = None
+    _near: dict[bool, BoolArray] = field(default_factory=dict)
 
     @property
     def midline(self) -> float:
@@ -487,9 +487,10 @@ class _Context:
             return None
         if abnormality.site == "pleura":
             return np.asarray(self.lungs.sample(self.lungs.pleura, box), dtype=bool)
-        if self._near is None:
-            self._near = self.lungs.near(self.options.lung_tolerance_mm)
-        return np.asarray(self.lungs.sample(self._near, box), dtype=bool)
+        dense = abnormality.pattern == "focal"
+        if dense not in self._near:
+            self._near[dense] = self.lungs.near(self.options.lung_tolerance_mm, dense=dense)
+        return np.asarray(self.lungs.sample(self._near[dense], box), dtype=bool)
 
     def lobes(self, box: tuple[slice, slice, slice]) -> npt.NDArray[np.uint8]:
         """Lobe codes of the source voxels of ``box`` (zeros without anatomy)."""

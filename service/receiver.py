@@ -89,9 +89,11 @@ STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 SUPPORTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
 # Lossless compressed syntaxes a CT may arrive in; each is offered only when a pixel data
-# decoder for it is installed (pylibjpeg-libjpeg for JPEG Lossless, pyjpegls or
-# pylibjpeg-libjpeg for JPEG-LS, pylibjpeg-openjpeg for JPEG 2000; RLE is pydicom's own).
-# Lossy syntaxes are never offered: a PACS then transcodes to one of these.
+# decoder of the node's ``decoders`` extra is installed (pip install 'unict-node[decoders]':
+# pylibjpeg-libjpeg for JPEG Lossless, pyjpegls or pylibjpeg-libjpeg for JPEG-LS,
+# pylibjpeg-openjpeg for JPEG 2000; RLE is pydicom's own). Without it, such a syntax is
+# refused at association and the sender transcodes or reports it. Lossy syntaxes are never
+# offered: a PACS then transcodes to one of these.
 _COMPRESSED_LOSSLESS = (
     JPEGLosslessSV1,
     JPEGLosslessP14,
@@ -101,9 +103,15 @@ _COMPRESSED_LOSSLESS = (
 )
 
 
+#: pydicom decoder plugins that count: the ``decoders`` extra, pydicom's own (RLE) and GDCM.
+#: Pillow's JPEG 2000 support depends on how Pillow was built (it is a dependency for the
+#: previews, not a decoder the node promises), so it does not make a syntax offered.
+DECODER_PLUGINS = frozenset({"pylibjpeg", "pyjpegls", "pydicom", "gdcm"})
+
+
 def _decodable(syntax: UID) -> bool:
     try:
-        return bool(get_decoder(syntax).is_available)
+        return bool(DECODER_PLUGINS & set(get_decoder(syntax).available_plugins))
     except NotImplementedError:
         return False
 

@@ -128,7 +128,9 @@ def test_images_pin_torch_and_use_the_expected_bases() -> None:
     assert '"torch==2.13.0"' in pyproject  # the same pin as the package
     gpu_from = [a for w, a in instructions(DOCKERFILES["gpu"]) if w == "FROM"]
     assert gpu_from == ["nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3"]
-    assert '".[gpu,triton]"' in gpu_runs
+    assert '".[decoders,gpu,triton]"' in gpu_runs
+    # Both images carry the pixel decoders (compressed CT syntaxes).
+    assert '".[decoders,triton]"' in cpu_runs
 
 
 def test_image_configuration_is_valid_and_needs_a_token() -> None:

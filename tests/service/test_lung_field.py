@@ -121,7 +121,7 @@ def test_an_analytic_chest(slice_mm: float, pixel_mm: float, fov_mm: float, bott
         expected = float(truth.sum()) * voxel_ml
         assert field.volume_ml[side] == pytest.approx(expected, rel=0.08), side
     lobes = _source(field, field.lobes)
-    lungs = lobes > 0
+    lungs = _source(field, field.aerated).astype(bool)
     both = chest.right | chest.left
     # The lungs, not the trachea, the bronchi, the stomach or the air under the table.
     assert lungs[both & ~chest.airway].mean() > 0.95
@@ -141,6 +141,30 @@ def test_an_analytic_chest(slice_mm: float, pixel_mm: float, fov_mm: float, bott
     # LAA-950: the emphysema block over the lung field.
     expected_laa = 100.0 * chest.emphysema.sum() / (both & ~chest.airway).sum()
     assert field.laa950_percent == pytest.approx(expected_laa, abs=0.5)
+
+
+def test_dense_lung_joins_the_extended_field() -> None:
+    """A consolidation at the back of the right lung's base (soft tissue where lung was) is
+    in the extended field, not in the aerated one; the mediastinum between the lungs is in
+    neither."""
+    chest = make_chest(2.5, 1.4, 360.0)
+    x, y, z = chest.lps[..., 0], chest.lps[..., 1], chest.lps[..., 2]
+    consolidation = chest.right & (np.hypot(x + 75.0, y - 60.0) < 20.0) & (np.abs(z + 70.0) < 15.0)
+    hu = chest.hu.copy()
+    hu[consolidation] = 40.0
+    field = lung_field(hu, chest.affine)
+    aerated = _source(field, field.aerated).astype(bool)
+    lobes = _source(field, field.lobes)
+    assert aerated[consolidation].mean() < 0.5
+    assert (lobes[consolidation] > 0).mean() > 0.9
+    assert np.isin(lobes[consolidation & (lobes > 0)], RIGHT_LOBES).all()
+    mediastinum = (
+        ~(chest.right | chest.left)
+        & (np.abs(x) < 5.0)
+        & (np.abs(y) < 30.0)
+        & (np.abs(z + 15.0) < 30.0)
+    )
+    assert not (lobes[mediastinum] > 0).any()
 
 
 def test_near_and_pleura_zones() -> None:

@@ -459,6 +459,8 @@ def drawn_lesions(sr: pydicom.Dataset) -> list[DrawnLesion]:
     for group in report.get_planar_roi_measurement_groups():
         region = group.roi
         assert isinstance(region, hd.sr.ImageRegion)
+        if region.graphic_type == hd.sr.GraphicTypeValues.POINT:
+            continue  # a diffuse finding's extent, marked by a point: not a long axis
         (long_axis,) = group.get_measurements(name=LONG_AXIS)
         lesions.append(
             DrawnLesion(
