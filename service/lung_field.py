@@ -526,6 +526,18 @@ def _fill(lung: BoolArray, spacing: tuple[float, float, float]) -> BoolArray:
     return out
 
 
+def _grown_box(mask: BoolArray, margin: tuple[int, int, int]) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels, within the array."""
+    bounds = []
+    for axis, m in enumerate(margin):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.nonzero(mask.any(axis=other))[0]
+        n = mask.shape[axis]
+        lo, hi = (int(present[0]), int(present[-1]) + 1) if present.size else (0, n)
+        bounds.append(slice(max(lo - m, 0), min(hi + m, n)))
+    return bounds[0], bounds[1], bounds[2]
+
+
 def _mediastinum(lobes: npt.NDArray[np.uint8]) -> BoolArray:
     """On each row of each slice, what lies between the right and the left lung.
 
@@ -676,12 +688,13 @@ def lung_field(hu: npt.NDArray[np.float32], affine_lps: npt.NDArray[np.float64])
     tissue = (mean > DENSE_MIN_HU) & (mean <= DENSE_MAX_HU) & ~closed
     rim_z = math.floor(DENSE_RIM_MM / spacing[0])
     rim_xy = math.floor(DENSE_RIM_MM / min(spacing[1], spacing[2]))
-    right_ext = right_filled | (
-        _dilate_octagon(_dilate_line(right_filled, 0, rim_z), rim_xy) & tissue & ~left_filled
-    )
-    left_ext = left_filled | (
-        _dilate_octagon(_dilate_line(left_filled, 0, rim_z), rim_xy) & tissue & ~right_ext
-    )
+    # Within the lungs' bounding box grown by the rim: the dilations are the costly part.
+    box = _grown_box(aerated, (rim_z, rim_xy, rim_xy))
+    right_ext, left_ext = right_filled.copy(), left_filled.copy()
+    right_rim = _dilate_octagon(_dilate_line(right_filled[box], 0, rim_z), rim_xy)
+    right_ext[box] |= right_rim & tissue[box] & ~left_filled[box]
+    left_rim = _dilate_octagon(_dilate_line(left_filled[box], 0, rim_z), rim_xy)
+    left_ext[box] |= left_rim & tissue[box] & ~right_ext[box]
     lobes = _lobes(right_ext, "right", z_mm, y_mm) | _lobes(left_ext, "left", z_mm, y_mm)
     field = LungField(
         lobes=lobes,

@@ -110,3 +110,24 @@ def test_distributed_table_has_the_ratio_of_workers() -> None:
     assert lines[0] == "| workers | studies | done | seconds | studies/min | ratio |"
     assert lines[2] == "| 1 | 4 | 4 | 60.0 | 4.0 | 1.00 |"
     assert lines[3] == "| 2 | 4 | 4 | 40.0 | 6.0 | 1.50 |"
+
+
+def test_report_agreement_from_one_phantom(capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue-14 agreement benchmark on one unseen phantom: both figures printed."""
+    from bench.bench_report_agreement import main
+
+    assert main(["--cases", "1", "--seed", "8000001"]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out
+    assert "sentences stating a finding agree with the SEG (100.0%)" in out
+
+
+def test_realct_bench_skips_with_the_reason_without_the_real_case(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import bench.bench_realct as bench
+    import bench.realct as realct
+
+    monkeypatch.setattr(realct, "LIDC_ARCHIVE", tmp_path / "missing.tar.xz")
+    assert bench.main(["--runs", "1"]) == 0
+    assert "skipped: the shared real chest CT is not at" in capsys.readouterr().out
