@@ -326,7 +326,6 @@ class AnalysisResult:
     model_input_shape: tuple[int, ...]
     model_report_text: str = ""
     lungs: LungSummary | None = None
-    options: PostprocessOptions = field(default_factory=PostprocessOptions)
 
     @property
     def present(self) -> tuple[FindingResult, ...]:
@@ -841,5 +840,4 @@ def postprocess(
         model_input_shape=tuple(int(s) for s in model_input.image.shape),
         model_report_text=result.report_text,
         lungs=summary,
-        options=options,
     )

@@ -37,6 +37,7 @@ def summarize(result: PipelineResult, preview: str | None = None) -> dict[str, A
                 "pattern": f.pattern,
                 "localised": f.mask is not None,
                 "lesion_count": f.lesion_count,
+                "removed_ml": round(f.removed_ml, 2),
                 "extent": None
                 if f.extent is None
                 else {

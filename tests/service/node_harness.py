@@ -151,7 +151,9 @@ class PipelineProcessor:
 
     def __init__(self) -> None:
         self.card = make_card()
-        self.engine = FakeEngine(self.card)
+        # The harness's series are small and all air (no lungs, nothing gated): the test
+        # double's sphere at the grid's centre lies in them.
+        self.engine = FakeEngine(self.card, centre_x_mm=0.0)
         self.options = OutputOptions()
         self.jobs: list[ClaimedJob] = []
         self._held: dict[str, threading.Event] = {}

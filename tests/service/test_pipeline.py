@@ -40,16 +40,25 @@ NODULE_CENTRE_X = -45.0
 
 
 class FakeEngine(Engine):
-    """Test double of an engine: a sphere of 20 mm radius in the right lung (45 mm right
-    of the model grid's centre, where the series of these tests has a soft-tissue sphere).
+    """Test double of an engine: a sphere of 20 mm radius ``centre_x_mm`` to the patient's
+    left of the model grid's centre (by default 45 mm to the right: in the right lung of
+    :func:`write_fake_engine_series`, where that series has a soft-tissue sphere).
 
     It stands in for the real model, which another part of the project provides.
     """
 
     name = "fake"
 
-    def __init__(self, card: ModelCard, *, probabilities: int = 10, fail: bool = False) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        probabilities: int = 10,
+        fail: bool = False,
+        centre_x_mm: float = NODULE_CENTRE_X,
+    ) -> None:
         self.spacing = np.array(card.config.preprocess.spacing_mm)
+        self.centre_x_mm = centre_x_mm
         self.probabilities = probabilities
         self.fail = fail
         self.loads = 0
@@ -68,7 +77,7 @@ class FakeEngine(Engine):
         grids = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in image.shape), indexing="ij")
         centre = (np.array(image.shape) - 1) / 2.0
         # Model axes run inferior->superior, right->left, anterior->posterior (SLP).
-        centre[1] += NODULE_CENTRE_X / self.spacing[1]
+        centre[1] += self.centre_x_mm / self.spacing[1]
         distance = np.sqrt(
             sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, self.spacing, strict=True))
         )
