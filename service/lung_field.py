@@ -380,13 +380,11 @@ def _lung_components(
     span = z_mm[objects[largest][0].start : objects[largest][0].stop]
     z_lo, z_hi = float(span.min()), float(span.max())
     floor = z_lo + 0.25 * (z_hi - z_lo)
-    # Mean z of each component: its voxels' slice heights, summed per label.
-    heights = np.bincount(
-        labels.ravel(), weights=np.repeat(z_mm, h * w), minlength=count + 1
-    )[1:] / np.maximum(voxels, 1)
     keep = np.zeros(count + 1, dtype=bool)
     for i in np.nonzero(lung_like & (sizes >= MIN_LUNG_FRACTION * sizes[largest]))[0]:
-        if i == largest or heights[i] >= floor:
+        # The height of its bounding box's centre.
+        height = float(z_mm[objects[i][0]].mean())
+        if i == largest or height >= floor:
             keep[i + 1] = True
     return np.asarray(keep[labels], dtype=bool)
 

@@ -87,7 +87,7 @@ class PostprocessOptions:
     Attributes
     ----------
     min_lesion_ml
-        Connected components smaller than this (mL) are noise, whatever the finding.
+        A lesion, or a whole extent, smaller than this (mL) is noise, whatever the finding.
     mask_threshold
         Probability above which a voxel is in a mask, for every class; ``None``: each
         label's ``mask_threshold`` from the card.
@@ -650,21 +650,15 @@ def _diffuse(
     box: tuple[slice, slice, slice], raw: BoolArray, abnormality: Abnormality, ctx: _Context
 ) -> tuple[BoolArray | None, Extent | None]:
     """The extent of a diffuse finding: (mask on the source grid, extent)."""
-    volume, options = ctx.volume, ctx.options
+    volume = ctx.volume
     mask_box = raw.copy()
     allowed = ctx.allowed(abnormality, box)
     if allowed is not None:
         mask_box &= allowed
-    # Specks under the noise floor are not part of any pattern.
-    labels, count = ndimage.label(mask_box, structure=_STRUCTURE_26)
-    if count:
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        small = sizes * volume.voxel_volume_ml < options.min_lesion_ml
-        small[0] = False
-        mask_box &= ~small[labels]
-    if not mask_box.any():
-        return None, None
     voxel_ml = volume.voxel_volume_ml
+    # A pattern is many small pieces: only the whole of it has to reach the noise floor.
+    if mask_box.sum() * voxel_ml < ctx.options.min_lesion_ml:
+        return None, None
     lobes = ctx.lobes(box)
     per_lobe = np.bincount(lobes[mask_box], minlength=6)[1:] * voxel_ml
     total = float(mask_box.sum()) * voxel_ml
