@@ -101,7 +101,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         "dicom": f"{settings.dicom.ae_title}@{settings.dicom.bind_address}:{settings.dicom.port}",
         "allowed_callers": list(settings.dicom.allowed_callers),
         "destinations": [
-            f"{d.name}: {d.ae_title}@{d.host}:{d.port}" for d in settings.destinations
+            f"{d.name}: {d.address}" for d in settings.destinations
         ],
         "database": settings.database.url.split("@")[-1],
         "spool_dir": str(settings.storage.spool_dir),

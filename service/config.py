@@ -26,8 +26,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -35,6 +37,7 @@ from pydantic import (
 )
 from sqlalchemy.engine import make_url
 
+from service.dicomweb.settings import DicomwebDestination, DicomwebSettings
 from service.errors import ConfigError
 
 __all__ = [
@@ -42,9 +45,12 @@ __all__ = [
     "DatabaseSettings",
     "Destination",
     "DicomSettings",
+    "DicomwebDestination",
+    "DicomwebSettings",
     "HttpSettings",
     "LoggingSettings",
     "ModelSettings",
+    "OutputDestination",
     "OutputsSettings",
     "QueryPeer",
     "QueueSettings",
@@ -228,6 +234,7 @@ class SelectionSettings(_Section):
 class Destination(_Section):
     """A C-STORE destination for the outputs (usually the PACS that sent the series)."""
 
+    type: Literal["dicom"] = "dicom"
     name: str = Field(min_length=1)
     ae_title: AETitle
     host: str
@@ -237,6 +244,25 @@ class Destination(_Section):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @property
+    def address(self) -> str:
+        """Where it is, for job records and logs."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _destination_type(value: Any) -> str:
+    kind = value.get("type", "dicom") if isinstance(value, dict) else getattr(value, "type", None)
+    return str(kind or "dicom")
+
+
+_DESTINATION_TAGS = frozenset({"dicom", "dicomweb"})
+
+OutputDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(_destination_type),
+]
+"""A destination: ``type: dicom`` (C-STORE, the default) or ``type: dicomweb`` (STOW-RS)."""
 
 
 class SenderSettings(_Section):
@@ -441,12 +467,13 @@ class Settings(_Section):
     dicom: DicomSettings
     assembly: AssemblySettings = AssemblySettings()
     selection: SelectionSettings = SelectionSettings()
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[OutputDestination, ...] = ()
     sender: SenderSettings = SenderSettings()
     storage: StorageSettings = StorageSettings()
     retention: RetentionSettings = RetentionSettings()
     database: DatabaseSettings = DatabaseSettings()
     http: HttpSettings = HttpSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
     model: ModelSettings = ModelSettings()
     outputs: OutputsSettings = OutputsSettings()
     workers: WorkersSettings = WorkersSettings()
@@ -466,7 +493,9 @@ class Settings(_Section):
 
     @field_validator("destinations")
     @classmethod
-    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+    def _unique_names(
+        cls, value: tuple[Destination | DicomwebDestination, ...]
+    ) -> tuple[Destination | DicomwebDestination, ...]:
         names = [d.name for d in value]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -670,6 +699,8 @@ def load_settings(path: Path, env: Mapping[str, str] = os.environ) -> Settings:
         lines = []
         for error in exc.errors():
             loc = tuple(error["loc"])
+            if loc[:1] == ("destinations",) and len(loc) > 2 and loc[2] in _DESTINATION_TAGS:
+                loc = loc[:2] + loc[3:]  # the union's tag is not a key of the file
             env_name = next((name for p, name in from_env.items() if loc[: len(p)] == p), None)
             if env_name is None and not located.exists(loc):
                 # e.g. an unknown section that only an environment variable introduced

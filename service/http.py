@@ -40,9 +40,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from service.config import Destination, HttpSettings
+from service.config import Destination, DicomwebDestination, HttpSettings
 from service.errors import IllegalTransition, JobNotFound
 from service.metrics import CONTENT_TYPE, TIMED_STAGES, NodeMetrics
 from service.openapi import MAX_JOB_ID, MAX_LIMIT, MAX_OFFSET, openapi_schema
@@ -150,7 +150,8 @@ def create_app(
     *,
     token: str | None = None,
     metrics: NodeMetrics | None = None,
-    destinations: Sequence[Destination] = (),
+    destinations: Sequence[Destination | DicomwebDestination] = (),
+    routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
     """Build the HTTP application.
 
@@ -165,6 +166,8 @@ def create_app(
         The node's metrics; a fresh set on `node_status`'s store when ``None``.
     destinations
         The configured destinations, to show their addresses in ``/jobs/{id}``.
+    routes
+        More routes with their own authentication (the STOW-RS endpoints).
 
     Returns
     -------
@@ -173,7 +176,7 @@ def create_app(
     """
     expected = f"Bearer {token}".encode() if token else None
     registry = metrics or NodeMetrics(node_status.store)
-    addresses = {d.name: f"{d.ae_title}@{d.host}:{d.port}" for d in destinations}
+    addresses = {d.name: d.address for d in destinations}
     schema = openapi_schema()
 
     def guarded(
@@ -295,6 +298,7 @@ def create_app(
             Route("/jobs/{job_id:int}", guarded(get_job)),
             Route("/jobs/{job_id:int}/retry", guarded(retry_job), methods=["POST"]),
             Route("/openapi.json", guarded(openapi)),
+            *routes,
         ],
         exception_handlers={HTTPException: http_error, SQLAlchemyError: store_down},
         lifespan=lifespan,

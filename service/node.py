@@ -21,6 +21,7 @@ from types import TracebackType
 
 from service.assembly import Assembler, CFindCounter, SeriesCounter
 from service.config import Settings
+from service.dicomweb.stow import StowService
 from service.http import Check, ServerThread, api_token, create_app
 from service.metrics import NodeMetrics
 from service.queue import apply_procrastinate_schema, queue_hook
@@ -109,11 +110,16 @@ class Node:
         self.retention = RetentionCleaner(
             self._store, settings.storage.spool_dir, settings.retention
         )
+        # STOW-RS (POST /studies) on the same HTTP server, into the same ingest path.
+        self.stow = (
+            StowService(self.receiver, settings.dicomweb) if settings.dicomweb.enabled else None
+        )
         self.app = create_app(
             self,
             token=api_token(settings.http),
             metrics=self.metrics,
             destinations=settings.destinations,
+            routes=self.stow.routes() if self.stow is not None else (),
         )
         self._http: ServerThread | None = None
         self._started = False

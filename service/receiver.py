@@ -70,11 +70,13 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SOP_CLASS_NOT_SUPPORTED",
     "STATUS_SUCCESS",
+    "STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED",
     "SUPPORTED_SOP_CLASSES",
     "SUPPORTED_TRANSFER_SYNTAXES",
     "AssociationListener",
     "Receiver",
     "SeriesRef",
+    "StoreResult",
     "make_ssl_context",
 ]
 
@@ -85,6 +87,9 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: PS3.18 Table 10.5.3-3 "Referenced Transfer Syntax not supported" (STOW-RS; a C-STORE
+#: cannot arrive in a syntax the association did not accept).
+STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 SUPPORTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
@@ -149,6 +154,26 @@ class SeriesRef:
     study_instance_uid: str
     series_instance_uid: str
     calling_ae: str
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What became of one received file (:meth:`Receiver.store_file`)."""
+
+    status: int
+    """``0x0000`` stored (a duplicate too), else the refusal's C-STORE status."""
+    reason: str
+    """Why it was refused ("" when stored); no patient data."""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    """The dataset's UIDs, when it could be read that far."""
+    series: SeriesRef | None = None
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether it is stored."""
+        return self.status == STATUS_SUCCESS
 
 
 class AssociationListener(Protocol):
@@ -424,77 +449,178 @@ class Receiver:
 
     def _on_store(self, event: Event) -> int:
         status = self._store_instance(event)
-        if status != STATUS_SUCCESS and self.metrics is not None:
+        if status == STATUS_SOP_CLASS_NOT_SUPPORTED and self.metrics is not None:
+            # refused before store_file, which counts every other refusal
             self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
         return status
 
     def _store_instance(self, event: Event) -> int:
         request = cast(C_STORE, event.request)
-        calling_ae = str(event.assoc.requestor.ae_title).strip()
         requested_class = str(request.AffectedSOPClassUID)
-        requested_instance = str(request.AffectedSOPInstanceUID)
         if requested_class not in SUPPORTED_SOP_CLASSES:
             return STATUS_SOP_CLASS_NOT_SUPPORTED
-        source = event.dataset_path
+        return self.store_file(
+            event.dataset_path,
+            caller=str(event.assoc.requestor.ae_title).strip(),
+            connection=id(event.assoc),
+            requested_class=requested_class,
+            requested_instance=str(request.AffectedSOPInstanceUID),
+        ).status
+
+    def store_file(
+        self,
+        source: Path,
+        *,
+        caller: str,
+        connection: int,
+        requested_class: str | None = None,
+        requested_instance: str | None = None,
+        study_uid: str | None = None,
+    ) -> StoreResult:
+        """Spool and record one received DICOM file: the one ingest path of the node.
+
+        C-STORE and STOW-RS both come here, so durability (written, ``fsync``-ed and
+        renamed before success), the spool floor, the SOP class and transfer syntax
+        checks, the job store record and the assembler's notice are the same for both.
+
+        Parameters
+        ----------
+        source
+            A DICOM Part 10 file (file meta included) that may be read and then removed
+            by the caller; it is copied, not moved.
+        caller
+            Who sent it: the calling AE title, or the DICOMweb client's name.
+        connection
+            The association (or HTTP request) it came on; the assembler is told when it
+            ends (:meth:`AssociationListener.association_ended`).
+        requested_class, requested_instance
+            The SOP Class and Instance UIDs the C-STORE request named (the dataset must
+            match them); ``None`` when the transport names none (STOW-RS).
+        study_uid
+            The study the instance must belong to (``POST /studies/{study}``).
+
+        Returns
+        -------
+        StoreResult
+            The status (``0x0000`` stored, or why not), the dataset's UIDs when they could
+            be read, and the series version it was recorded in.
+        """
+        result = self._store_file(
+            source,
+            caller=caller,
+            connection=connection,
+            requested_class=requested_class,
+            requested_instance=requested_instance,
+            study_uid=study_uid,
+        )
+        if result.status != STATUS_SUCCESS and self.metrics is not None:
+            self.metrics.instances_refused.labels(status=f"0x{result.status:04X}").inc()
+        return result
+
+    def _store_file(
+        self,
+        source: Path,
+        *,
+        caller: str,
+        connection: int,
+        requested_class: str | None,
+        requested_instance: str | None,
+        study_uid: str | None,
+    ) -> StoreResult:
+        label = requested_instance or source.name
+
+        def refused(
+            status: int, reason: str, sop_class_uid: str = "", sop_instance_uid: str = ""
+        ) -> StoreResult:
+            return StoreResult(status, reason, sop_class_uid, sop_instance_uid)
 
         try:
             free_mb = shutil.disk_usage(self.spool_dir).free / 2**20
         except OSError as exc:
             logger.error("spool %s unusable: %s", self.spool_dir, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return refused(STATUS_OUT_OF_RESOURCES, "spool unusable")
         if free_mb < self.storage.min_free_mb:
             logger.error(
                 "refusing sop %s: %.0f MB free in the spool < min_free_mb %d",
-                requested_instance,
+                label,
                 free_mb,
                 self.storage.min_free_mb,
             )
-            return STATUS_OUT_OF_RESOURCES
+            return refused(STATUS_OUT_OF_RESOURCES, "spool space below storage.min_free_mb")
 
         try:
             ds = dcmread(source, defer_size=_DEFER_BYTES)
+            sop_class = str(ds.get("SOPClassUID", ""))
+            sop_instance = str(ds.get("SOPInstanceUID", ""))
+            syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
+        except Exception as exc:  # any decoding failure means one thing: cannot understand
+            logger.warning("sop %s cannot be decoded: %s", label, exc)
+            return refused(STATUS_CANNOT_UNDERSTAND, "not a readable DICOM Part 10 file")
+        uids = {"sop_class_uid": sop_class, "sop_instance_uid": sop_instance}
+        if requested_class is None and sop_class not in SUPPORTED_SOP_CLASSES:
+            logger.warning("sop %s: SOP class %s not supported", label, sop_class)
+            return refused(
+                STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} not supported", **uids
+            )
+        if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
+            logger.warning("sop %s: transfer syntax %s not supported", label, syntax)
+            return refused(
+                STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED,
+                f"transfer syntax {syntax or '(none)'} not supported",
+                **uids,
+            )
+        try:
             problem = _incomplete(ds, source.stat().st_size)
             if problem is not None:
-                logger.warning("sop %s cannot be stored: %s", requested_instance, problem)
-                return STATUS_CANNOT_UNDERSTAND
+                logger.warning("sop %s cannot be stored: %s", label, problem)
+                return refused(STATUS_CANNOT_UNDERSTAND, problem, **uids)
             header = InstanceHeader.from_dataset(ds)
-            study_uid = str(ds.StudyInstanceUID)
+            instance_study = str(ds.StudyInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)
         except Exception as exc:  # any decoding failure means one thing: cannot understand
-            logger.warning("sop %s cannot be decoded: %s", requested_instance, exc)
-            return STATUS_CANNOT_UNDERSTAND
+            logger.warning("sop %s cannot be decoded: %s", label, exc)
+            return refused(STATUS_CANNOT_UNDERSTAND, "header not decodable", **uids)
         for name, uid in (
-            ("StudyInstanceUID", study_uid),
+            ("StudyInstanceUID", instance_study),
             ("SeriesInstanceUID", series_uid),
             ("SOPInstanceUID", header.sop_instance_uid),
         ):
             if len(uid) > 64 or not _UID.match(uid):
-                logger.warning("sop %s: invalid %s", requested_instance, name)
-                return STATUS_CANNOT_UNDERSTAND
-        if header.sop_class_uid != requested_class or header.sop_instance_uid != requested_instance:
-            logger.warning(
-                "sop %s: dataset's SOP class/instance differ from the request's",
-                requested_instance,
+                logger.warning("sop %s: invalid %s", label, name)
+                return refused(STATUS_CANNOT_UNDERSTAND, f"invalid {name}", **uids)
+        if requested_class is not None and (
+            header.sop_class_uid != requested_class
+            or header.sop_instance_uid != requested_instance
+        ):
+            logger.warning("sop %s: dataset's SOP class/instance differ from the request's", label)
+            return refused(
+                STATUS_DATASET_MISMATCH, "SOP class/instance differ from the request's", **uids
             )
-            return STATUS_DATASET_MISMATCH
+        if study_uid is not None and instance_study != study_uid:
+            logger.warning("sop %s: not of the study the request names", label)
+            return refused(
+                STATUS_DATASET_MISMATCH, "Study Instance UID differs from the request's", **uids
+            )
 
         try:
-            path, size, digest = self._spool(source, study_uid, series_uid, header.sop_instance_uid)
+            path, size, digest = self._spool(
+                source, instance_study, series_uid, header.sop_instance_uid
+            )
         except OSError as exc:
             logger.error("sop %s: spool write failed: %s", header.sop_instance_uid, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return refused(STATUS_OUT_OF_RESOURCES, "spool write failed", **uids)
 
         try:
             result = self.store.record_instance(
                 ReceivedInstance(
-                    study_instance_uid=study_uid,
+                    study_instance_uid=instance_study,
                     series_instance_uid=series_uid,
                     sop_instance_uid=header.sop_instance_uid,
                     sop_class_uid=header.sop_class_uid,
                     path=path,
                     size=size,
                     sha256=digest,
-                    calling_ae=calling_ae,
+                    calling_ae=caller,
                     header=header.to_json(),
                     expected_count=header.images_in_acquisition,
                 )
@@ -502,25 +628,41 @@ class Receiver:
         except SQLAlchemyError as exc:
             # The file stays in the spool; the sender retries and the record is made then.
             logger.error("sop %s: job store unavailable: %s", header.sop_instance_uid, exc)
-            return STATUS_OUT_OF_RESOURCES
-        if result.outcome is RecordOutcome.DUPLICATE:
+            return refused(STATUS_OUT_OF_RESOURCES, "job store unavailable", **uids)
+        duplicate = result.outcome is RecordOutcome.DUPLICATE
+        if duplicate:
             logger.debug("sop %s: duplicate, already stored", header.sop_instance_uid)
         if self.metrics is not None:
             self.metrics.instances_received.inc()
             self.metrics.bytes_received.inc(size)
+        series = SeriesRef(
+            series_id=result.series_id,
+            version=result.version,
+            job_id=result.job_id,
+            study_instance_uid=instance_study,
+            series_instance_uid=series_uid,
+            calling_ae=caller,
+        )
         if self.listener is not None:
-            self.listener.instance_received(
-                id(event.assoc),
-                SeriesRef(
-                    series_id=result.series_id,
-                    version=result.version,
-                    job_id=result.job_id,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    calling_ae=calling_ae,
-                ),
-            )
-        return STATUS_SUCCESS
+            self.listener.instance_received(connection, series)
+        return StoreResult(
+            status=STATUS_SUCCESS,
+            reason="",
+            sop_class_uid=header.sop_class_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            series=series,
+            duplicate=duplicate,
+        )
+
+    def connection_ended(self, connection: int, *, released: bool) -> None:
+        """A non-DIMSE connection (a STOW-RS request) that stored instances ended.
+
+        Released (the whole body was read) lets the assembler close a series whose
+        expected count is reached, as for a released association; otherwise the quiet
+        period decides.
+        """
+        if self.listener is not None:
+            self.listener.association_ended(connection, released=released)
 
     def _spool(
         self, source: Path, study_uid: str, series_uid: str, sop_uid: str

@@ -1,5 +1,9 @@
 """C-STORE SCU: send a job's outputs (SEG, SR, ...) to every configured destination.
 
+A ``type: dicomweb`` destination gets them by STOW-RS (:mod:`service.dicomweb.client`)
+instead, with the same attempts, backoff and per-instance results; an HTTP failure with no
+response (connection refused, timeout, 5xx) counts as no status, and is retried.
+
 Each instance's DIMSE status is checked. Transient failures (association refused or
 dropped, no response, ``0xA7xx`` out of resources) are retried with exponential backoff,
 re-sending only what did not succeed, up to ``sender.max_attempts``; permanent ones
@@ -23,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
-from service.config import Destination, SenderSettings
+from service.config import Destination, DicomwebDestination, SenderSettings
 from service.errors import SendError
 
 __all__ = ["Output", "SendFailure", "SendResult", "Sender", "is_retryable_status"]
@@ -112,7 +116,7 @@ class Sender:
 
     def __init__(
         self,
-        destinations: Sequence[Destination],
+        destinations: Sequence[Destination | DicomwebDestination],
         settings: SenderSettings,
         *,
         calling_ae: str,
@@ -160,7 +164,9 @@ class Sender:
             )
         return results
 
-    def _send_to(self, destination: Destination, items: Sequence[_Item]) -> list[SendResult]:
+    def _send_to(
+        self, destination: Destination | DicomwebDestination, items: Sequence[_Item]
+    ) -> list[SendResult]:
         done: dict[str, SendResult] = {}
         pending = list(items)
         last: dict[str, SendResult] = {}
@@ -209,6 +215,32 @@ class Sender:
         return ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
 
     def _attempt(
+        self, destination: Destination | DicomwebDestination, items: Sequence[_Item], attempt: int
+    ) -> list[SendResult]:
+        if isinstance(destination, DicomwebDestination):
+            return self._stow_attempt(destination, items, attempt)
+        return self._store_attempt(destination, items, attempt)
+
+    def _stow_attempt(
+        self, destination: DicomwebDestination, items: Sequence[_Item], attempt: int
+    ) -> list[SendResult]:
+        from service.dicomweb.client import stow
+
+        outcomes = stow(destination, [i.dataset for i in items], timeout_s=self.settings.timeout_s)
+        return [
+            SendResult(
+                destination.name,
+                item.sop_instance_uid,
+                item.sop_class_uid,
+                outcome.ok,
+                outcome.status,
+                outcome.detail,
+                attempt,
+            )
+            for item, outcome in zip(items, outcomes, strict=True)
+        ]
+
+    def _store_attempt(
         self, destination: Destination, items: Sequence[_Item], attempt: int
     ) -> list[SendResult]:
         def result(item: _Item, ok: bool, status: int | None, detail: str) -> SendResult:
