@@ -32,6 +32,7 @@ import shutil
 import ssl
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -53,6 +54,7 @@ from pydicom.uid import (
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -174,6 +176,10 @@ class StoreResult:
     def ok(self) -> bool:
         """Whether it is stored."""
         return self.status == STATUS_SUCCESS
+
+
+# DUL states of an association with nothing left to abort: idle, awaiting the close.
+_ENDED_STATES = frozenset({"Sta1", "Sta13"})
 
 
 class AssociationListener(Protocol):
@@ -356,15 +362,41 @@ class Receiver:
             " (TLS)" if ssl_context else "",
         )
 
-    def stop(self) -> None:
-        """Stop listening and close open associations."""
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop listening, let open associations end for up to `grace` seconds, abort the rest.
+
+        An association that has just been released or rejected waits for its peer to close
+        the connection (state Sta13); pynetdicom's state machine has no A-ABORT for that
+        state and its reactor thread dies on one (a CI failure at a test's teardown). So the
+        server stops accepting first, the associations get their grace period to finish,
+        and only those still open after it are aborted (an instance not yet acknowledged is
+        then resent by its peer); idle and closing ones are left to end by themselves.
+        """
         server, self._server = self._server, None
-        if server is not None and self._ae is not None:
-            self._ae.shutdown()  # the server, and any association still open
-            if self._thread is not None:
-                self._thread.join(timeout=10)
-            self._thread = None
-            logger.info("DICOM listener stopped")
+        if server is None or self._ae is None:
+            return
+        server.shutdown()  # no new associations; the open ones keep their threads
+        deadline = time.monotonic() + grace
+        while (open_ := self._open_associations()) and time.monotonic() < deadline:
+            open_[0].join(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+        for assoc in self._open_associations():
+            logger.warning("aborting an association still open after %.1f s", grace)
+            assoc.abort()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._thread = None
+        logger.info("DICOM listener stopped")
+
+    def _open_associations(self) -> list[Association]:
+        """Associations with something to end: not idle (Sta1, the thread only finishing its
+        handlers) and not closing (Sta13, released or rejected and awaiting the close)."""
+        if self._ae is None:
+            return []
+        return [
+            assoc
+            for assoc in self._ae.active_associations
+            if assoc.dul.state_machine.current_state not in _ENDED_STATES
+        ]
 
     @property
     def address(self) -> tuple[str, int]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +19,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, build_context
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from service.config import DicomSettings, StorageSettings, TlsSettings
@@ -347,3 +352,68 @@ def test_port_in_use_fails_loudly(start_receiver: Callable[..., Receiver]) -> No
     with pytest.raises(OSError):
         start_receiver(port=receiver.port)
     assert free_port() != receiver.port
+
+
+def _associate_rq(called: str, calling: str) -> bytes:
+    """An A-ASSOCIATE-RQ PDU for Verification, encoded as a DICOM requestor sends it."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16382
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+class _SlowToReject(Receiver):
+    """Holds the association in its rejected-handler: RJ sent, its thread alive."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rejecting = threading.Event()
+        self.release = threading.Event()
+
+    def _on_rejected(self, event: Event) -> None:
+        self.rejecting.set()
+        self.release.wait(timeout=10)
+        super()._on_rejected(event)
+
+
+def test_stop_leaves_a_rejected_association_to_close(
+    tmp_path: Path, sqlite_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping while a rejected association ends (its handler runs) does not abort it:
+    pynetdicom's reactor thread dies on an A-ABORT in that state (a flaky CI error)."""
+    died: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+    receiver = _SlowToReject(
+        DicomSettings(ae_title="UNICT", port=0, allowed_callers=("STORESCU",)),
+        StorageSettings(spool_dir=tmp_path / "spool", min_free_mb=0),
+        sqlite_store,
+    )
+    receiver.start()
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=10) as peer:
+            peer.sendall(_associate_rq("UNICT", "NOT_ALLOWED"))
+            assert peer.recv(1)[0] == 0x03  # A-ASSOCIATE-RJ
+            assert receiver.rejecting.wait(timeout=10)
+            start = time.monotonic()
+            receiver.stop()
+            stopped_in = time.monotonic() - start
+    finally:
+        receiver.release.set()
+        receiver.stop()
+    assert not receiver.is_bound
+    assert stopped_in < 5.0  # the closing association is not waited for
+    assert wait_until(lambda: not receiver_threads_alive(), timeout=10)
+    assert not died, [str(args.exc_value) for args in died]
+
+
+def receiver_threads_alive() -> bool:
+    return any(t.name.startswith("AcceptorServer") and t.is_alive() for t in threading.enumerate())
