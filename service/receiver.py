@@ -40,6 +40,7 @@ from typing import Any, Protocol, cast
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     UID,
@@ -211,6 +212,8 @@ def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 # Values longer than this are not read while checking a received file (pixel data stays on
 # disk); they are only checked to end inside the file.
 _DEFER_BYTES = 4096
+#: The Part 10 preamble and prefix (PS3.10 §7.1), put before a file that came without them.
+_PREAMBLE = b"\0" * 128 + b"DICM"
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -560,6 +563,7 @@ class Receiver:
         study_uid: str | None,
     ) -> StoreResult:
         label = requested_instance or source.name
+        prefix = b""
 
         def refused(
             status: int, reason: str, sop_class_uid: str = "", sop_instance_uid: str = ""
@@ -581,7 +585,16 @@ class Receiver:
             return refused(STATUS_OUT_OF_RESOURCES, "spool space below storage.min_free_mb")
 
         try:
-            ds = dcmread(source, defer_size=_DEFER_BYTES)
+            try:
+                ds = dcmread(source, defer_size=_DEFER_BYTES)
+            except InvalidDicomError:
+                # File meta without the 128-byte preamble and "DICM" (pydicom 3 writes such
+                # files unless asked for the file format; dicomweb-client sends them): read
+                # it when the meta names its transfer syntax, else it is not DICOM.
+                ds = dcmread(source, defer_size=_DEFER_BYTES, force=True)
+                if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+                    raise
+                prefix = _PREAMBLE  # spooled as a proper Part 10 file
             sop_class = str(ds.get("SOPClassUID", ""))
             sop_instance = str(ds.get("SOPInstanceUID", ""))
             syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
@@ -636,7 +649,7 @@ class Receiver:
 
         try:
             path, size, digest = self._spool(
-                source, instance_study, series_uid, header.sop_instance_uid
+                source, instance_study, series_uid, header.sop_instance_uid, prefix=prefix
             )
         except OSError as exc:
             logger.error("sop %s: spool write failed: %s", header.sop_instance_uid, exc)
@@ -697,7 +710,7 @@ class Receiver:
             self.listener.association_ended(connection, released=released)
 
     def _spool(
-        self, source: Path, study_uid: str, series_uid: str, sop_uid: str
+        self, source: Path, study_uid: str, series_uid: str, sop_uid: str, *, prefix: bytes = b""
     ) -> tuple[Path, int, str]:
         """Copy `source` into the spool atomically; return the path, size and SHA-256.
 
@@ -714,6 +727,10 @@ class Receiver:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                if prefix:
+                    digest.update(prefix)
+                    out.write(prefix)
+                    size += len(prefix)
                 while chunk := src.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)

@@ -88,7 +88,7 @@ def test_malformed_header_line(tmp_path: Path) -> None:
     ("value", "boundary"),
     [
         ('multipart/related; type="application/dicom"; boundary=abc', b"abc"),
-        ("Multipart/Related; boundary=\"a b'c\"; type=application/dicom", b"a b'c"),
+        ('Multipart/Related; boundary="a b\'c"; type=application/dicom', b"a b'c"),
         ("multipart/related; boundary=xyz", b"xyz"),
     ],
 )
