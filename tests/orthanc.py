@@ -90,6 +90,7 @@ def orthanc_server(
     aet: str = "ORTHANC",
     timeout: float = 20.0,
     tcp_nodelay: bool = True,
+    dicomweb_servers: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Iterator[OrthancServer]:
     """Run Orthanc until the block ends.
 
@@ -106,6 +107,10 @@ def orthanc_server(
     tcp_nodelay
         Run with ``TCP_NODELAY=1`` (DCMTK's fast setting, as tests want); ``False`` leaves
         the variable unset, as Orthanc runs by default (benchmarks).
+    dicomweb_servers
+        ``DicomWeb.Servers`` of the DICOMweb plugin (name -> {"Url": ..., "HttpHeaders":
+        ...}): peers Orthanc's DICOMweb client can STOW to
+        (``POST /dicom-web/servers/<name>/stow``).
     """
     if not ORTHANC_BINARY.exists():
         pytest.skip(f"{ORTHANC_BINARY} not installed")
@@ -129,7 +134,11 @@ def orthanc_server(
         "DicomAlwaysAllowFind": False,
         "DicomAssociationCloseDelay": 0,
         "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.exists() else [],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {name: dict(server) for name, server in (dicomweb_servers or {}).items()},
+        },
         "HttpTimeout": 30,
         "StableAge": 1,
         "SaveJobs": False,

@@ -31,8 +31,9 @@ __all__ = [
 
 #: Part headers longer than this are refused (a body that is not multipart at all).
 MAX_HEADER_BYTES = 16 * 1024
-#: RFC 2046: a boundary is 1-70 characters.
-_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+#: RFC 2046: a boundary is 1-70 characters of these; Orthanc's DICOMweb plugin 1.7 sends
+#: 73, so up to 200 are taken.
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,199}[0-9A-Za-z'()+_,\-./:=?]$")
 
 
 class MultipartError(ValueError):

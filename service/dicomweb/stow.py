@@ -228,6 +228,12 @@ class StowService:
                 request.headers.get("content-type", ""), related_type="application/dicom"
             )
         except ContentTypeError as exc:
+            logger.warning(
+                "STOW-RS from %s refused (415): %s; Content-Type %r",
+                client,
+                exc,
+                request.headers.get("content-type", "")[:200],
+            )
             return self._error(415, str(exc))
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:

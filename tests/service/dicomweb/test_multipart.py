@@ -90,6 +90,8 @@ def test_malformed_header_line(tmp_path: Path) -> None:
         ('multipart/related; type="application/dicom"; boundary=abc', b"abc"),
         ('Multipart/Related; boundary="a b\'c"; type=application/dicom', b"a b'c"),
         ("multipart/related; boundary=xyz", b"xyz"),
+        # Orthanc's DICOMweb plugin 1.7: two UUIDs, 73 characters (RFC 2046 says 70).
+        ("multipart/related; boundary=" + "a" * 36 + "-" + "b" * 36, b"a" * 36 + b"-" + b"b" * 36),
     ],
 )
 def test_content_type_accepted(value: str, boundary: bytes) -> None:
