@@ -2,7 +2,7 @@
 studies to one node while its workers run the jobs; nothing may be lost.
 
 Usage: python -m bench.bench_load [--studies 20] [--slices 40] [--size 128] [--workers 2]
-                                  [--model fake|real]
+                                  [--model fake|real] [--stow]
 
 The node runs in this process on loopback (SQLite, spool in a temporary folder) with its
 real listener, assembler, job store, pipeline and C-STORE sender; the PACS is a pynetdicom
@@ -10,11 +10,13 @@ Storage SCP. ``--model real`` runs the bundled UniCT checkpoint (engines in the 
 order); ``--model fake`` replaces only its forward pass by the test double, to measure the
 node rather than the model. Every study is one CT series with Images in Acquisition (so it
 is complete when its association is released) sent on an association of its own, half by
-``/usr/bin/storescu`` (TCP_NODELAY=1), half by pynetdicom, all at once.
+``/usr/bin/storescu`` (TCP_NODELAY=1), half by pynetdicom, all at once. With ``--stow``
+a third of them go by STOW-RS instead (dicomweb-client, one request a study, to the node's
+``POST /studies``): DCMTK, pynetdicom and STOW-RS in turn.
 
 Prints one table:
 
-    | studies | instances | senders (DCMTK + pynetdicom) | refused | lost | receive s |
+    | studies | instances | senders (DCMTK + pynetdicom + STOW-RS) | refused | lost | receive s |
     | instances/s | jobs DONE | jobs/min | last instance -> last job DONE s |
 
 and exits 1 if an instance was refused or lost, or a job did not end DONE.
@@ -35,7 +37,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from service.config import WorkersSettings
+from service.config import HttpSettings, WorkersSettings
+from service.dicomweb.settings import DicomwebClient, DicomwebSettings
 from service.store import JobState
 from tests.service.node_harness import (
     FINAL_STATES,
@@ -78,6 +81,7 @@ class LoadResult:
     instances: int
     dcmtk_senders: int
     pynetdicom_senders: int
+    stow_senders: int
     refused: int
     lost: int
     receive_s: float
@@ -96,13 +100,14 @@ class LoadResult:
 
     def table(self) -> str:
         header = (
-            "| studies | instances | senders (DCMTK + pynetdicom) | refused | lost | "
+            "| studies | instances | senders (DCMTK + pynetdicom + STOW-RS) | refused | lost | "
             "receive s | instances/s | jobs DONE | jobs/min | last instance -> last job DONE s |"
         )
         rule = "|" + "---|" * 10
         row = (
             f"| {self.studies} | {self.instances} | {self.dcmtk_senders} + "
-            f"{self.pynetdicom_senders} | {self.refused} | {self.lost} | {self.receive_s:.1f} | "
+            f"{self.pynetdicom_senders} + {self.stow_senders} | {self.refused} | {self.lost} | "
+            f"{self.receive_s:.1f} | "
             f"{self.instances_per_s:.1f} | {self.jobs_done}/{self.jobs_total} | "
             f"{self.jobs_per_min:.1f} | {self.drain_s:.1f} |"
         )
@@ -162,31 +167,52 @@ def send_with_pynetdicom(port: int, study: Study) -> Sent:
     )
 
 
+STOW_TOKEN_ENV = "UNICT_LOAD_STOW_TOKEN"
+
+
+def send_with_stow(url: str, token: str, study: Study) -> Sent:
+    """One study by STOW-RS (dicomweb-client, one request)."""
+    from dicomweb_client.api import DICOMwebClient
+    from pydicom import dcmread
+
+    started = time.monotonic()
+    client = DICOMwebClient(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        response = client.store_instances([dcmread(p) for p in study.paths])
+        stored = len(response.get("ReferencedSOPSequence", []))
+        failed = len(response.get("FailedSOPSequence", []))
+        ok, detail = stored == len(study.paths) and not failed, f"{stored} stored, {failed} failed"
+    except Exception as exc:  # HTTP error or connection refused: reported, counted refused
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    return Sent(study.study_uid, "stow", len(study.paths), ok, detail, time.monotonic() - started)
+
+
 def run_load(
     node_port: int,
     studies: Sequence[Study],
     *,
     count_jobs: Callable[[], tuple[int, int, int]],
     timeout_s: float = 900.0,
+    stow: tuple[str, str] | None = None,
 ) -> tuple[list[Sent], float, float]:
-    """Send every study at once (even ones by DCMTK when installed, odd ones by pynetdicom).
+    """Send every study at once (even ones by DCMTK when installed, odd ones by pynetdicom;
+    with `stow`, ``(url, token)`` of the node's DICOMweb root, every third by STOW-RS).
 
     `count_jobs` is called with no argument and returns ``(final, total, done)`` job
     counts; the run waits until every study has a final job. Returns what each sender did,
     the seconds until the last sender finished and the seconds from then until the last
     job ended.
     """
-    use_dcmtk = STORESCU.exists()
+    senders: list[Callable[[Study], Sent]] = []
+    if STORESCU.exists():
+        senders.append(lambda study: send_with_dcmtk(node_port, study))
+    senders.append(lambda study: send_with_pynetdicom(node_port, study))
+    if stow is not None:
+        url, token = stow
+        senders.append(lambda study: send_with_stow(url, token, study))
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(studies)) as pool:
-        futures = [
-            pool.submit(
-                send_with_dcmtk if use_dcmtk and i % 2 == 0 else send_with_pynetdicom,
-                node_port,
-                study,
-            )
-            for i, study in enumerate(studies)
-        ]
+        futures = [pool.submit(senders[i % len(senders)], study) for i, study in enumerate(studies)]
         sent = [f.result() for f in futures]
     received = time.monotonic()
     deadline = received + timeout_s
@@ -213,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model", choices=["fake", "real"], default="fake", help="forward pass (see above)"
     )
+    parser.add_argument("--stow", action="store_true", help="a third of the studies by STOW-RS")
     args = parser.parse_args(argv)
     if args.studies > 64:
         parser.error("--studies is bounded to 64 (one association each, on loopback)")
@@ -227,6 +254,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=WorkersSettings(count=args.workers, poll_interval_s=0.1),
         max_associations=max(10, args.studies + 2),
     )
+    token = os.environ.setdefault(STOW_TOKEN_ENV, generate_uid())  # any non-placeholder
+    if args.stow:
+        settings = settings.model_copy(
+            update={
+                "http": HttpSettings(host="127.0.0.1", port=0),
+                "dicomweb": DicomwebSettings(
+                    enabled=True,
+                    clients=(DicomwebClient(name="LOADSTOW", token_env=STOW_TOKEN_ENV),),
+                ),
+            }
+        )
     processor: object = PipelineProcessor()
     if args.model == "real":
         from service.processor import UniCTProcessor
@@ -235,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         real.load()
         processor = real
     try:
-        with running_node(settings, processor) as (node, _):  # type: ignore[arg-type]
+        with running_node(settings, processor, http=args.stow) as (node, _):  # type: ignore[arg-type]
 
             def count_jobs() -> tuple[int, int, int]:
                 jobs = node.store.list_jobs(limit=10_000)
@@ -243,7 +281,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 done = sum(j.state is JobState.DONE for j in jobs)
                 return final, len(jobs), done
 
-            sent, receive_s, drain_s = run_load(node.dicom_port, studies, count_jobs=count_jobs)
+            stow = (f"http://127.0.0.1:{node.http_port}", token) if args.stow else None
+            sent, receive_s, drain_s = run_load(
+                node.dicom_port, studies, count_jobs=count_jobs, stow=stow
+            )
             jobs = node.store.list_jobs(limit=10_000)
             recorded = {i.sop_instance_uid for j in jobs for i in node.store.job_instances(j.id)}
     finally:
@@ -254,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         instances=len(expected),
         dcmtk_senders=sum(s.sender == "dcmtk" for s in sent),
         pynetdicom_senders=sum(s.sender == "pynetdicom" for s in sent),
+        stow_senders=sum(s.sender == "stow" for s in sent),
         refused=sum(not s.ok for s in sent),
         lost=len(expected - recorded),
         receive_s=receive_s,

@@ -216,12 +216,12 @@ def node_settings(
 
 @contextmanager
 def running_node(
-    settings: Settings, processor: PipelineProcessor | None = None
+    settings: Settings, processor: PipelineProcessor | None = None, *, http: bool = False
 ) -> Iterator[tuple[Node, PipelineProcessor]]:
-    """A started node (no HTTP) and its processor; stopped at the end."""
+    """A started node (HTTP only when asked) and its processor; stopped at the end."""
     processor = processor or PipelineProcessor()
     node = Node(settings, processor, lambda: (True, "fake engine"))
-    node.start(http=False)
+    node.start(http=http)
     try:
         yield node, processor
     finally:
