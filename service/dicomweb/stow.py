@@ -32,6 +32,7 @@ Reasons in words go in ``Warning: 299`` headers (no patient data).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -74,6 +75,8 @@ logger = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_WARNINGS = 20
+#: Parts of one request stored at once (each is an fsync-ed write and a job store record).
+STORE_CONCURRENCY = 4
 
 
 class StoreTarget(Protocol):
@@ -256,11 +259,19 @@ class StowService:
         connection = object()  # the request's identity for the assembler, alive until the end
         key = id(connection)
         parser = MultipartParser(boundary, self.target.spool_dir)
-        outcomes: list[InstanceOutcome] = []
         reasons: list[str] = []
         received = 0
         too_large = False
         broken: str | None = None
+        # Parts are stored while the body is still being read, a few at once (their fsyncs
+        # overlap); the outcomes keep the parts' order.
+        slots = asyncio.Semaphore(STORE_CONCURRENCY)
+        tasks: list[asyncio.Task[InstanceOutcome]] = []
+
+        async def store(part: Part) -> InstanceOutcome:
+            async with slots:
+                return await self._store(part, client, key, study, reasons)
+
         try:
             async for chunk in request.stream():
                 received += len(chunk)
@@ -268,13 +279,15 @@ class StowService:
                     too_large = True
                     break
                 for part in parser.feed(chunk):
-                    outcomes.append(await self._store(part, client, key, study, reasons))
+                    tasks.append(asyncio.create_task(store(part)))
+                    await asyncio.sleep(0)  # let the store start before reading on
             if not too_large:
                 parser.close()
         except MultipartError as exc:
             broken = str(exc)
         finally:
             parser.abort()
+            outcomes = list(await asyncio.gather(*tasks))
         complete = not too_large and broken is None
         if outcomes:
             self.target.connection_ended(key, released=complete)
