@@ -113,7 +113,8 @@ class _Section(BaseModel):
 
 
 class TlsSettings(_Section):
-    """DICOM TLS for the listener (PS3.15 Annex B, the Basic TLS Secure Transport profile)."""
+    """TLS of a listener: DICOM TLS (``dicom.tls``, PS3.15 Annex B, the Basic TLS Secure
+    Transport profile) or HTTPS (``http.tls``)."""
 
     enabled: bool = False
     cert_file: Path | None = Field(default=None, validate_default=True)
@@ -326,6 +327,8 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
     token: SecretStr = Field(default=SecretStr(""), validate_default=True)
+    tls: TlsSettings = TlsSettings()
+    """HTTPS; with ``ca_file`` client certificates are verified (STOW-RS ``cert_cn``)."""
 
     @field_validator("token")
     @classmethod
@@ -622,14 +625,18 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         database = database.model_copy(
             update={"url": url.set(database=str(db_file)).render_as_string(hide_password=False)}
         )
-    tls = settings.dicom.tls
-    tls = tls.model_copy(
-        update={
-            "cert_file": _resolve(tls.cert_file, base),
-            "key_file": _resolve(tls.key_file, base),
-            "ca_file": _resolve(tls.ca_file, base),
-        }
-    )
+
+    def resolved_tls(tls: TlsSettings) -> TlsSettings:
+        return tls.model_copy(
+            update={
+                "cert_file": _resolve(tls.cert_file, base),
+                "key_file": _resolve(tls.key_file, base),
+                "ca_file": _resolve(tls.ca_file, base),
+            }
+        )
+
+    tls = resolved_tls(settings.dicom.tls)
+    http = settings.http.model_copy(update={"tls": resolved_tls(settings.http.tls)})
     model = settings.model.model_copy(
         update={
             "checkpoint_dir": _resolve(settings.model.checkpoint_dir, base),
@@ -646,6 +653,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         update={
             "database": database,
             "dicom": settings.dicom.model_copy(update={"tls": tls}),
+            "http": http,
             "model": model,
             "storage": storage,
         }

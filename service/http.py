@@ -26,6 +26,7 @@ import contextlib
 import hmac
 import logging
 import re
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -42,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from service.config import Destination, DicomwebDestination, HttpSettings
+from service.config import Destination, DicomwebDestination, HttpSettings, TlsSettings
 from service.errors import IllegalTransition, JobNotFound
 from service.metrics import CONTENT_TYPE, TIMED_STAGES, NodeMetrics
 from service.openapi import MAX_JOB_ID, MAX_LIMIT, MAX_OFFSET, openapi_schema
@@ -317,13 +318,42 @@ class ServerThread:
         The application (:func:`create_app`).
     host, port
         Where to listen (port 0: any free port; :attr:`port` says which).
+    tls
+        ``http.tls``: HTTPS when enabled.
     """
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(
+        self, app: Starlette, host: str, port: int, *, tls: TlsSettings | None = None
+    ) -> None:
         self.host = host
         self._wanted_port = port
+        options: dict[str, Any] = {}
+        if tls is not None and tls.enabled:
+            # HTTPS; with ca_file, client certificates are verified and their CN reaches
+            # the STOW-RS allow-list (required with require_client_cert).
+            from service.dicomweb.peer_certificate import PeerCertificateProtocol
+
+            options = {
+                "ssl_certfile": str(tls.cert_file),
+                "ssl_keyfile": str(tls.key_file),
+                "ssl_ca_certs": None if tls.ca_file is None else str(tls.ca_file),
+                "ssl_cert_reqs": (
+                    ssl.CERT_REQUIRED
+                    if tls.require_client_cert
+                    else ssl.CERT_OPTIONAL
+                    if tls.ca_file is not None
+                    else ssl.CERT_NONE
+                ),
+                "http": PeerCertificateProtocol,
+            }
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            **options,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

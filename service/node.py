@@ -155,7 +155,12 @@ class Node:
             if self.settings.retention.enabled:
                 self.retention.start()
             if http:
-                server = ServerThread(self.app, self.settings.http.host, self.settings.http.port)
+                server = ServerThread(
+                    self.app,
+                    self.settings.http.host,
+                    self.settings.http.port,
+                    tls=self.settings.http.tls,
+                )
                 server.start()
                 self._http = server
         except BaseException:

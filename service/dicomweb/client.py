@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -158,14 +159,15 @@ def stow(
             StowOutcome(str(d.SOPInstanceUID), False, FAILURE_NOT_AUTHORIZED, str(exc))
             for d in datasets
         ]
-    cert = (
-        (str(destination.cert_file), str(destination.key_file))
-        if destination.cert_file is not None and destination.key_file is not None
-        else None
-    )
-    verify: str | bool = str(destination.ca_file) if destination.ca_file is not None else True
+    verify: ssl.SSLContext | bool = True
+    if destination.ca_file is not None or destination.cert_file is not None:
+        verify = ssl.create_default_context(
+            cafile=None if destination.ca_file is None else str(destination.ca_file)
+        )
+        if destination.cert_file is not None and destination.key_file is not None:
+            verify.load_cert_chain(str(destination.cert_file), str(destination.key_file))
     out: list[StowOutcome] = []
-    with httpx.Client(timeout=timeout_s, verify=verify, cert=cert, auth=auth) as http:
+    with httpx.Client(timeout=timeout_s, verify=verify, auth=auth) as http:
         for batch in _batches(datasets, destination.max_instances_per_request):
             boundary = uuid.uuid4().hex
             body = encode_multipart([_part10(d) for d in batch], boundary)

@@ -68,9 +68,7 @@ def boundary_of(content_type: str, *, related_type: str) -> bytes:
     """
     media_type, params = parse_content_type(content_type)
     if media_type != "multipart/related":
-        raise ContentTypeError(
-            f"Content-Type {media_type or '(none)'} is not multipart/related"
-        )
+        raise ContentTypeError(f"Content-Type {media_type or '(none)'} is not multipart/related")
     given = params.get("type", "").strip().lower()
     if given and given != related_type:
         raise ContentTypeError(

@@ -56,6 +56,7 @@ from service.dicomweb.multipart import (
     boundary_of,
     parse_content_type,
 )
+from service.dicomweb.peer_certificate import TLS_CLIENT_CN
 from service.dicomweb.settings import DicomwebSettings, secret_from_env
 from service.dicomweb.stow_response import (
     FAILURE_CANNOT_UNDERSTAND,
@@ -108,10 +109,11 @@ class StoreTarget(Protocol):
 def client_cn_of(request: Request) -> str | None:
     """The subject CN of the request's verified TLS client certificate, if any.
 
-    Set by :class:`service.http.ServerThread` under HTTPS (``scope["state"]``).
+    Set under HTTPS by :class:`~service.dicomweb.peer_certificate.PeerCertificateProtocol`
+    (``scope["state"]``).
     """
     state = request.scope.get("state") or {}
-    value = state.get("tls_client_cn") if isinstance(state, Mapping) else None
+    value = state.get(TLS_CLIENT_CN) if isinstance(state, Mapping) else None
     return str(value) if value else None
 
 
