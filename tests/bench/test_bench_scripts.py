@@ -20,7 +20,7 @@ needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK not installed (apt-get
 
 
 @pytest.mark.parametrize(
-    "name", ["bench_ingest", "bench_encode", "bench_memory", "bench_distributed"]
+    "name", ["bench_ingest", "bench_encode", "bench_memory", "bench_distributed", "bench_stow"]
 )
 def test_help(name: str) -> None:
     """``python -m bench.NAME --help`` prints the usage and the description."""
@@ -131,3 +131,28 @@ def test_realct_bench_skips_with_the_reason_without_the_real_case(
     monkeypatch.setattr(realct, "LIDC_ARCHIVE", tmp_path / "missing.tar.xz")
     assert bench.main(["--runs", "1"]) == 0
     assert "skipped: the shared real chest CT is not at" in capsys.readouterr().out
+
+
+@pytest.mark.orthanc
+@pytest.mark.network
+@pytest.mark.skipif(
+    not (Path("/usr/sbin/Orthanc").exists() and Path("/usr/bin/curl").exists()),
+    reason="Orthanc or curl not installed",
+)
+def test_stow_table_from_a_tiny_run(tmp_path: Path) -> None:
+    """Issue 17: three 16x16 instances by STOW-RS to the node and to Orthanc, then two
+    requests at once; the node's row carries its ratio to Orthanc's."""
+    from bench.bench_stow import Options, run, table
+
+    results = run(Options(slices=3, size=16, repeats=1, concurrency=2), tmp_path)
+    assert {(m.receiver, m.requests) for m in results} == {
+        ("UniCT Node", 1),
+        ("Orthanc + DICOMweb", 1),
+        ("UniCT Node", 2),
+        ("Orthanc + DICOMweb", 2),
+    }
+    assert all(m.instances == 3 * m.requests and m.seconds for m in results)
+    lines = table(results).splitlines()
+    assert lines[0].startswith("| receiver |") and len(lines) == 2 + len(results)
+    node_row = next(line for line in lines if line.startswith("| UniCT Node | 1 |"))
+    assert float(node_row.rstrip(" |").rsplit("|", 1)[1]) > 0
