@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -287,12 +287,16 @@ class StowService:
                 parser.close()
         except MultipartError as exc:
             broken = str(exc)
+        except ClientDisconnect:
+            broken = "the client closed the connection before the end of the body"
         finally:
             parser.abort()
+            # Even on an unexpected error: every part taken is stored (or refused) and the
+            # assembler hears that this "association" ended.
             outcomes = list(await asyncio.gather(*tasks))
-        complete = not too_large and broken is None
-        if outcomes:
-            self.target.connection_ended(key, released=complete)
+            complete = not too_large and broken is None
+            if outcomes:
+                self.target.connection_ended(key, released=complete)
         del connection
         stored = sum(o.stored for o in outcomes)
         logger.info(

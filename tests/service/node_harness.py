@@ -181,7 +181,7 @@ class PipelineProcessor:
             result = analyse_series(
                 job.instance_paths, self.engine, self.card, self.options, uids=uids
             )
-        outputs = tuple(ds for ds in (result.seg, result.sr) if ds is not None)
+        outputs = (*(ds for ds in (result.seg, result.sr) if ds is not None), *result.sc)
         timings = {stage.value: seconds for stage, seconds in result.timings.items()}
         return ProcessOutcome(outputs=outputs, timings=timings)
 

@@ -2,8 +2,9 @@
 
 - The acceptance path: Orthanc's DICOMweb client STOWs a study to the node
   (``DicomWeb.Servers`` names the node; ``POST /dicom-web/servers/unict/stow``); the node
-  analyses it (its real pipeline on the test-double engine) and stores SEG + SR into
-  Orthanc by STOW-RS (a ``type: dicomweb`` destination), read back with QIDO-RS and WADO-RS.
+  analyses it (its real pipeline on the test-double engine) and stores SEG + SR + a key
+  image into Orthanc by STOW-RS (a ``type: dicomweb`` destination), read back with QIDO-RS
+  and WADO-RS.
 - The STOW-RS sender alone: per-instance results, no retry of a refusal (bad password),
   retries while the server is down.
 """
@@ -22,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from service.config import HttpSettings, SenderSettings
 from service.dicomweb.settings import DicomwebDestination
+from service.pipeline import OutputOptions
 from service.sender import Sender, SendFailure
 from service.store import JobState
 from tests.conftest import free_port, wait_until
@@ -33,12 +35,13 @@ from tests.service.dicomweb.stow_harness import (
     running_stow_node,
     stow_settings,
 )
-from tests.service.node_harness import ct_datasets, settled
+from tests.service.node_harness import PipelineProcessor, ct_datasets, settled
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.network, pytest.mark.slow]
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SC = "1.2.840.10008.5.1.4.1.1.7"
 PASSWORD_ENV = "UNICT_TEST_ORTHANC_PASSWORD"
 SLICES = 14
 
@@ -91,7 +94,7 @@ def orthanc_web(tmp_path: Path, node_http_port: int) -> Iterator[OrthancServer]:
         yield server
 
 
-def test_a_study_stowed_by_orthanc_comes_back_as_seg_and_sr_over_stow(
+def test_a_study_stowed_by_orthanc_comes_back_as_seg_sr_and_key_image_over_stow(
     tmp_path: Path, env: None, orthanc_web: OrthancServer, node_http_port: int
 ) -> None:
     server = orthanc_web
@@ -111,7 +114,9 @@ def test_a_study_stowed_by_orthanc_comes_back_as_seg_and_sr_over_stow(
             "sender": SenderSettings(max_attempts=2, backoff_s=0.1, timeout_s=30),
         }
     )
-    with running_stow_node(settings) as (node, _):
+    processor = PipelineProcessor()
+    processor.options = OutputOptions(sc_enabled=True, sc_max_images=1)
+    with running_stow_node(settings, processor) as (node, _):
         response = httpx.post(
             f"{server.url}/dicom-web/servers/unict/stow",
             json={"Resources": [orthanc_study]},
@@ -126,7 +131,7 @@ def test_a_study_stowed_by_orthanc_comes_back_as_seg_and_sr_over_stow(
     assert job.instance_count == SLICES
     assert job.to_dict()["calling_ae"] == CLIENT
     sent = job.outputs["sent"]
-    assert {s["sop_class_uid"] for s in sent} == {SEG, SR}
+    assert sorted(s["sop_class_uid"] for s in sent) == sorted([SEG, SR, SC])
     assert all(s["ok"] and s["destination"] == "orthanc-web" for s in sent)
 
     # Read back over DICOMweb: QIDO-RS finds the SEG and SR series in the CT's study,
@@ -134,7 +139,7 @@ def test_a_study_stowed_by_orthanc_comes_back_as_seg_and_sr_over_stow(
     reader = dicomweb_reader(server)
     found = reader.search_for_series(study)
     modalities = sorted(str(s["00080060"]["Value"][0]) for s in found)
-    assert modalities == ["CT", "SEG", "SR"]
+    assert modalities == ["CT", "OT", "SEG", "SR"]
     for result in sent:
         instances = reader.search_for_instances(
             study, search_filters={"SOPInstanceUID": result["sop_instance_uid"]}

@@ -5,6 +5,7 @@ request answered with its status, losing nothing already accepted."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
@@ -18,6 +19,7 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from service.node import Node
 from service.store import JobState
+from tests.conftest import wait_until
 from tests.service.dicomweb.stow_harness import (
     BOUNDARY,
     CLIENT,
@@ -279,3 +281,27 @@ def test_bodies_over_the_limit_get_413(stow_node: tuple[Node, str]) -> None:
     assert listed == {str(d.SOPInstanceUID) for d in small}
     assert recorded(node, study) == listed
     assert "max_request_mb" in response.headers["warning"]
+
+
+def test_a_client_that_drops_mid_body_keeps_its_complete_parts(
+    stow_node: tuple[Node, str],
+) -> None:
+    node, url = stow_node
+    study = generate_uid()
+    series = ct_datasets(3, study)
+    body = multipart([part10(d) for d in series])
+    cut = body[: len(body) - len(part10(series[2])) // 2]
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /studies HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in stow_headers().items())
+        + "\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + cut)
+        # Wait until the two complete parts are recorded, then drop the connection.
+        wait_until(lambda: len(recorded(node, study)) == 2, timeout=30, what="two parts")
+    # The handler sees the disconnect and drops the incomplete third part's file.
+    spool = node.settings.storage.spool_dir
+    wait_until(lambda: not list(spool.glob(".stow.*.part")), timeout=10, what="no part file")
+    assert recorded(node, study) == {str(d.SOPInstanceUID) for d in series[:2]}
