@@ -217,6 +217,8 @@ class StowService:
         """Serve one STOW-RS request."""
         client = self.client_of(request)
         if client is None:
+            peer = request.client.host if request.client is not None else "?"
+            logger.warning("STOW-RS from %s refused (401): no known client's credentials", peer)
             return self._error(
                 401,
                 "a known client's bearer token or certificate is required",
