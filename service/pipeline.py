@@ -22,12 +22,13 @@ from pydicom.uid import generate_uid
 from engines.base import Engine, InferenceResult
 from model.card import ModelCard
 from model.transforms import ModelInput, preprocess
-from service.errors import Stage, StageError
+from service.errors import StageError
 from service.lung_field import LungField
 from service.outputs.sc import build_key_images
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
 from service.postprocess import AnalysisResult, PostprocessOptions, postprocess
+from service.stages import Stage
 from service.volume import SourceVolume, load_series
 
 logger = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from service.config import QueueSettings, Settings
 from service.store import JobStore, QueuedHook, QueuedJob
-from service.store.repository import create_store_engine
+from service.store.engine import create_store_engine
 
 if TYPE_CHECKING:
     import procrastinate

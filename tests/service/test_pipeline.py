@@ -16,11 +16,12 @@ from engines.base import Availability, Engine, InferenceResult
 from model.card import ModelCard
 from model.labels import label_index
 from model.phantom.dicom_series import write_ct_series
-from service.errors import SeriesGeometryError, Stage, StageError
+from service.errors import SeriesGeometryError, StageError
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
 from service.pipeline import OutputOptions, analyse_series, preprocess_stage
 from service.postprocess import postprocess
+from service.stages import Stage
 from service.volume import load_series
 from tests.service.dicom_fixtures import (
     Sphere,
