@@ -27,7 +27,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import re
 import shutil
 import ssl
 import tempfile
@@ -65,6 +64,7 @@ from service.config import DicomSettings, StorageSettings, TlsSettings
 from service.metrics import NodeMetrics
 from service.selection import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
 from service.store import JobStore, ReceivedInstance, RecordOutcome
+from service.uids import is_uid
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -127,11 +127,6 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRBigEndian,
     *(s for s in _COMPRESSED_LOSSLESS if _decodable(s)),
 )
-
-# A UID is digits and dots, at most 64 characters (PS3.5 §9.1). It becomes a path
-# component, so anything else is refused outright.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
 
 # (Result Source, Diagnostic) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4) -> metrics label.
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
@@ -500,7 +495,7 @@ class Receiver:
             ("SeriesInstanceUID", series_uid),
             ("SOPInstanceUID", header.sop_instance_uid),
         ):
-            if len(uid) > 64 or not _UID.match(uid):
+            if not is_uid(uid):
                 logger.warning("sop %s: invalid %s", requested_instance, name)
                 return STATUS_CANNOT_UNDERSTAND
         if header.sop_class_uid != requested_class or header.sop_instance_uid != requested_instance:
