@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -52,6 +53,7 @@ __all__ = [
     "SegOutputSettings",
     "SelectionSettings",
     "SenderSettings",
+    "SettingError",
     "Settings",
     "SrOutputSettings",
     "StorageSettings",
@@ -76,7 +78,22 @@ _PLACEHOLDER_SECRETS = frozenset(
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 Port = Annotated[int, Field(ge=0, le=65535)]
-AETitle = Annotated[str, Field(min_length=1, max_length=16)]
+
+
+class SettingError(ValueError):
+    """A validator's error about one key of its section (so the loader names that key's line).
+
+    Parameters
+    ----------
+    key
+        The key, relative to the section whose validator raises it.
+    message
+        What is wrong.
+    """
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
 
 
 def is_placeholder_secret(value: str) -> bool:
@@ -100,6 +117,10 @@ def _check_ae_title(value: str) -> str:
             f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
         )
     return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+"""An AE title (PS3.5 §6.2), leading and trailing spaces removed; checked wherever used."""
 
 
 class _Section(BaseModel):
@@ -137,7 +158,7 @@ class DicomSettings(_Section):
     port: Port = 11112
     bind_address: str = "127.0.0.1"
     allow_any_caller: bool = False
-    allowed_callers: tuple[str, ...] = Field(default=(), validate_default=True)
+    allowed_callers: tuple[AETitle, ...] = Field(default=(), validate_default=True)
     allowed_hosts: tuple[str, ...] | None = None
     max_associations: int = Field(default=10, ge=1)
     max_pdu: int = Field(default=65536, ge=0)
@@ -150,18 +171,12 @@ class DicomSettings(_Section):
     """
     tls: TlsSettings = TlsSettings()
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value)
-
     @field_validator("allowed_callers")
     @classmethod
     def _callers(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        titles = tuple(_check_ae_title(v) for v in value)
-        if not titles and not info.data.get("allow_any_caller"):
+        if not value and not info.data.get("allow_any_caller"):
             raise ValueError("list the calling AE titles to accept (or set allow_any_caller: true)")
-        return titles
+        return value
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -232,11 +247,6 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value)
 
 
 class SenderSettings(_Section):
@@ -382,6 +392,28 @@ class OutputsSettings(_Section):
     seg: SegOutputSettings = SegOutputSettings()
     sr: SrOutputSettings = SrOutputSettings()
     sc: ScOutputSettings = ScOutputSettings()
+
+    @field_validator("sr")
+    @classmethod
+    def _sr_own_number(cls, value: SrOutputSettings, info: ValidationInfo) -> SrOutputSettings:
+        seg = info.data.get("seg")
+        if seg is not None and value.series_number == seg.series_number:
+            raise SettingError(
+                "series_number", f"{value.series_number} is already the SEG's (seg.series_number)"
+            )
+        return value
+
+    @field_validator("sc")
+    @classmethod
+    def _sc_own_number(cls, value: ScOutputSettings, info: ValidationInfo) -> ScOutputSettings:
+        for name in ("seg", "sr"):
+            section = info.data.get(name)
+            if value.enabled and section is not None and value.series_number == section.series_number:
+                raise SettingError(
+                    "series_number",
+                    f"{value.series_number} is already the {name.upper()}'s ({name}.series_number)",
+                )
+        return value
 
 
 class WorkersSettings(_Section):
@@ -670,6 +702,12 @@ def load_settings(path: Path, env: Mapping[str, str] = os.environ) -> Settings:
         lines = []
         for error in exc.errors():
             loc = tuple(error["loc"])
+            message = error["msg"]
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, SettingError):
+                # A section's validator about one of its keys: that key's line and name.
+                loc = (*loc, cause.key)
+                message = str(cause).removeprefix(f"{cause.key}: ")
             env_name = next((name for p, name in from_env.items() if loc[: len(p)] == p), None)
             if env_name is None and not located.exists(loc):
                 # e.g. an unknown section that only an environment variable introduced
@@ -682,7 +720,6 @@ def load_settings(path: Path, env: Mapping[str, str] = os.environ) -> Settings:
                 node = located.node(loc)
                 line = node.start_mark.line + 1 if node is not None else 1
                 where = f"{source}:{line}"
-            message = error["msg"]
             if error["type"] == "extra_forbidden":
                 message = "unknown key"
             lines.append(f"{where}: {_dotted(loc) or '<root>'}: {message}")
