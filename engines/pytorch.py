@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engines.base import Availability, Engine, InferenceResult
+from engines.base import Availability, Engine, EngineOptions, InferenceResult
 from model.bundle import ModelBundle
 from model.network import UniCT
 from model.network.heads import ReportDecoder
@@ -147,6 +147,10 @@ class PyTorchEngine(Engine):
     """
 
     name = "pytorch"
+
+    @classmethod
+    def from_options(cls, bundle: ModelBundle, options: EngineOptions) -> PyTorchEngine:
+        return cls(bundle, device=options.device, threads=options.threads)
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from engines.base import Engine
+from engines.base import Engine, EngineOptions
 from engines.registry import select_engine
 from model.bundle import ModelBundle, load_bundle
 from service.config import Settings
@@ -55,12 +55,8 @@ class UniCTProcessor:
             try:
                 model = self.settings.model
                 bundle = load_bundle(model.checkpoint_path)
-                engine = select_engine(
-                    model.engines,
-                    bundle,
-                    plan_dir=Path(model.plan_dir),
-                    threads=model.threads or 0,
-                )
+                options = EngineOptions(plan_dir=Path(model.plan_dir), threads=model.threads or 0)
+                engine = select_engine(model.engines, bundle, options)
             except Exception as exc:  # recorded for /readyz; the node stays up and unready
                 self._error = f"{type(exc).__name__}: {exc}"
                 logger.error("model not loaded: %s", self._error)
