@@ -268,7 +268,7 @@ class StorageSettings(_Section):
 
 
 class RetentionSettings(_Section):
-    """When received instances leave the spool (DESIGN.md §7: never before their job ends).
+    """When received instances leave the spool (never before every job using them ended).
 
     A study's files are removed once every job of the study has ended (``DONE``,
     ``REJECTED`` or ``FAILED``) and the last of them ended ``keep_done_hours`` ago
@@ -431,7 +431,7 @@ class WorkersSettings(_Section):
 
 
 class QueueSettings(_Section):
-    """How queued jobs reach workers (DESIGN.md §6).
+    """How queued jobs reach workers.
 
     ``embedded``: in-process worker threads poll the job store (one node). ``procrastinate``:
     a series completion also defers a procrastinate job in the same transaction, and

@@ -1,4 +1,4 @@
-"""How a ``QUEUED`` job reaches a worker: the ``queue.backend`` setting (DESIGN.md §6).
+"""How a ``QUEUED`` job reaches a worker: the ``queue.backend`` setting.
 
 - ``embedded`` (one node): no hook; the in-process :class:`~service.worker.Workers` poll
   the job store.

@@ -1,7 +1,7 @@
 """The DICOM listener: a pynetdicom Storage SCP for CT that spools and records instances.
 
 The C-STORE handler does only what must happen before the status goes back to the sender
-(DESIGN.md §2): check the disk, read the header, write the file atomically into the spool
+(so that a success status means the instance is safe on disk and recorded): check the disk, read the header, write the file atomically into the spool
 (temporary file in the target folder, ``fsync``, ``rename``), record it in the job store,
 and tell the assembler. It never decodes pixel data or runs the pipeline.
 

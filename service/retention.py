@@ -1,6 +1,7 @@
 """The retention cleaner: received instances leave the spool after their study's jobs ended.
 
-Policy (``retention`` in ``config.yaml``, DESIGN.md §7):
+Policy (``retention`` in ``config.yaml``; a file a running job may still read is never
+removed):
 
 - a study whose jobs have all ended (``DONE``, ``REJECTED`` or ``FAILED``) loses its files
   ``keep_done_hours`` after the last of them ended, ``keep_failed_hours`` if one FAILED;
