@@ -31,8 +31,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from service.config import AssemblySettings, QueryPeer, SelectionSettings
+from service.instance_handler import SeriesRef
 from service.periodic import PeriodicThread
-from service.receiver import SeriesRef
 from service.selection import InstanceHeader, evaluate
 from service.store import JobRecord, JobStore, PendingSeries
 
