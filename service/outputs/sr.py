@@ -50,6 +50,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 from model.card import ModelCard
+from service.findings import AnalysisResult
 from service.outputs.charset import output_character_set
 from service.outputs.identity import contributing_equipment
 from service.outputs.sr_codes import (
@@ -82,7 +83,6 @@ from service.outputs.sr_content import (
     segment_numbers,
     volumetric_group,
 )
-from service.postprocess import AnalysisResult
 from service.volume import SourceVolume
 
 __all__ = [

@@ -12,6 +12,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from model.card import ModelCard
+from service.findings import (
+    AnalysisResult,
+    Extent,
+    FindingResult,
+    LesionMeasurement,
+    LongAxis,
+    LungSummary,
+)
 from service.outputs.identity import device_uid
 from service.outputs.seg import coded, segmented_findings
 from service.outputs.sr_codes import (
@@ -38,14 +46,6 @@ from service.outputs.sr_codes import (
     SITES,
     THRESHOLD,
     VOLUME,
-)
-from service.postprocess import (
-    AnalysisResult,
-    Extent,
-    FindingResult,
-    LesionMeasurement,
-    LongAxis,
-    LungSummary,
 )
 from service.volume import SourceVolume
 
