@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engines.pytorch import PyTorchEngine
 from model.bundle import DEFAULT_CHECKPOINT_DIR, load_bundle
+from model.inference import Predictor
 from model.tokenizer import split_words
 from model.training.data import build_cache, load_case
 from model.training.metrics import auroc, average_precision, corpus_bleu, dice, f1_score, rouge_l
@@ -80,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     bundle = load_bundle(args.checkpoint)
     card = bundle.card
-    engine = PyTorchEngine(bundle, device="cpu")
+    engine = Predictor(bundle, device="cpu")
     engine.load()
     keys = [lc.abnormality.key for lc in card.labels]
     thresholds = np.array(card.thresholds)
@@ -96,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         )
         for path in tqdm(paths, total=args.cases, desc="evaluate", disable=args.no_progress):
             case = load_case(path)
-            result = engine.infer(case.image)
+            result = engine.predict(case.image)
             probs.append(result.probabilities)
             truth.append(case.present)
             read_back.append(read_findings(result.report_text))
