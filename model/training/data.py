@@ -36,6 +36,9 @@ class Case:
     masks: npt.NDArray[np.bool_]  # (L, D, H, W)
     present: npt.NDArray[np.bool_]  # (L,)
     report: str
+    known: npt.NDArray[np.bool_] | None = None  # (L,) labels the source asserts; None: all
+    has_masks: bool = True
+    name: str = ""
 
 
 def make_case(seed: int, cfg: PreprocessConfig, kind: GridKind = "training") -> Case:
@@ -74,7 +77,8 @@ def save_case(case: Case, path: Path) -> None:
 
 
 def load_case(path: Path) -> Case:
-    """Read a case written by :func:`save_case`."""
+    """Read a case written by :func:`save_case` (or a real one of
+    :func:`model.training.real_data.save_sample_case`)."""
     with np.load(path) as z:
         shape = tuple(int(s) for s in z["mask_shape"])
         masks = np.unpackbits(z["masks"], count=int(np.prod(shape))).reshape(shape).astype(bool)
@@ -84,6 +88,9 @@ def load_case(path: Path) -> Case:
             masks=masks,
             present=z["present"].astype(bool),
             report=str(z["report"]),
+            known=z["known"].astype(bool) if "known" in z.files else None,
+            has_masks=bool(z["has_masks"]) if "has_masks" in z.files else True,
+            name=str(z["name"]) if "name" in z.files else f"seed {int(z['seed'])}",
         )
 
 
@@ -129,7 +136,14 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
         self.reports: list[str] = []
         for p in paths:
             with np.load(p) as z:
-                self.items.append({k: z[k] for k in ("image", "masks", "mask_shape", "present")})
+                item = {k: z[k] for k in ("image", "masks", "mask_shape", "present")}
+                # Real cases (model.training.real_data) say which labels their source
+                # asserts and whether they have masks; phantoms know everything.
+                item["known"] = (
+                    z["known"] if "known" in z.files else np.ones_like(z["present"], dtype=bool)
+                )
+                item["has_masks"] = z["has_masks"] if "has_masks" in z.files else np.array(True)
+                self.items.append(item)
                 self.reports.append(str(z["report"]))
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
@@ -151,12 +165,15 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
             image = image * np.float32(self._rng.uniform(0.95, 1.05)) + np.float32(
                 self._rng.normal(0, 0.01)
             )
-        ids = self.tokenizer.encode(self.reports[index], max_len=self.max_tokens)
         tokens = np.full(self.max_tokens, self.tokenizer.pad_id, dtype=np.int64)
-        tokens[: len(ids)] = ids
+        if self.reports[index].strip():  # no report (RAD-ChestCT): no report target
+            ids = self.tokenizer.encode(self.reports[index], max_len=self.max_tokens)
+            tokens[: len(ids)] = ids
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "masks": torch.from_numpy(masks.astype(np.float32)),
             "present": torch.from_numpy(item["present"].astype(np.float32)),
+            "known": torch.from_numpy(item["known"].astype(np.float32)),
+            "has_masks": torch.tensor(float(item["has_masks"])),
             "tokens": torch.from_numpy(tokens),
         }
