@@ -79,7 +79,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="phantom grid: 'training' (coarse, fast) or 'realistic' (512x512, 0.6-0.9 mm pixels; slower)",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("evaluation.json"), help="JSON file to write"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: evaluation.json; with --dicom: none)",
     )
     parser.add_argument(
         "--data",
@@ -134,6 +137,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     data: DataSpec | None = getattr(args, "data", None)
     metrics = _evaluate_phantoms(args) if data is None else _evaluate_data(args, data)
+    if args.out is None:
+        args.out = Path("evaluation.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
