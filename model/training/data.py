@@ -25,6 +25,19 @@ from model.tokenizer import Tokenizer
 from model.transforms import preprocess
 
 GridKind = Literal["training", "realistic"]
+#: ``--generator`` values: the original phantoms, generator 2 (:mod:`model.phantom.realism`),
+#: or both (even seeds generator 2, odd seeds generator 1).
+GENERATOR_CHOICES = ("1", "2", "mix")
+
+
+def generator_of(seed: int, generator: str | int = 1) -> int:
+    """The phantom generator that renders ``seed`` under a ``--generator`` choice."""
+    choice = str(generator)
+    if choice == "mix":
+        return 2 if seed % 2 == 0 else 1
+    if choice not in ("1", "2"):
+        raise ValueError(f"generator must be one of {', '.join(GENERATOR_CHOICES)}, got {choice!r}")
+    return int(choice)
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,13 @@ class Case:
     name: str = ""
 
 
-def make_case(seed: int, cfg: PreprocessConfig, kind: GridKind = "training") -> Case:
-    """Render the phantom of ``seed`` and bring it onto the model grid."""
+def make_case(
+    seed: int, cfg: PreprocessConfig, kind: GridKind = "training", generator: int = 1
+) -> Case:
+    """Render the phantom of ``seed`` (with ``generator``) and bring it onto the model grid."""
     from model.phantom import generate
 
-    phantom = generate(seed, kind)
+    phantom = generate(seed, kind, generator=generator)
     model_input = preprocess(phantom.hu, phantom.affine_lps, cfg, masks=phantom.masks)
     assert model_input.masks is not None
     return Case(
@@ -57,8 +72,9 @@ def make_case(seed: int, cfg: PreprocessConfig, kind: GridKind = "training") -> 
     )
 
 
-def _cache_path(directory: Path, seed: int, kind: GridKind) -> Path:
-    return directory / f"{kind}-{seed:07d}.npz"
+def _cache_path(directory: Path, seed: int, kind: GridKind, generator: int = 1) -> Path:
+    prefix = kind if generator == 1 else f"{kind}-g{generator}"
+    return directory / f"{prefix}-{seed:07d}.npz"
 
 
 def save_case(case: Case, path: Path) -> None:
@@ -94,12 +110,12 @@ def load_case(path: Path) -> Case:
         )
 
 
-def _build_one(args: tuple[int, PreprocessConfig, GridKind, Path]) -> Path:
-    seed, cfg, kind, directory = args
+def _build_one(args: tuple[int, PreprocessConfig, GridKind, Path, int]) -> Path:
+    seed, cfg, kind, directory, generator = args
     torch.set_num_threads(1)
-    path = _cache_path(directory, seed, kind)
+    path = _cache_path(directory, seed, kind, generator)
     if not path.exists():
-        save_case(make_case(seed, cfg, kind), path)
+        save_case(make_case(seed, cfg, kind, generator), path)
     return path
 
 
@@ -109,10 +125,14 @@ def build_cache(
     directory: Path,
     kind: GridKind = "training",
     workers: int = 2,
+    generator: str | int = 1,
 ) -> Iterator[Path]:
-    """Generate (or reuse) the cached cases of ``seeds``; yields paths as they are ready."""
+    """Generate (or reuse) the cached cases of ``seeds``; yields paths as they are ready.
+
+    ``generator`` is a ``--generator`` choice (:func:`generator_of`).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, cfg, kind, directory) for s in seeds]
+    jobs = [(s, cfg, kind, directory, generator_of(s, generator)) for s in seeds]
     if workers <= 1:
         for job in jobs:
             yield _build_one(job)

@@ -79,6 +79,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="phantom grid: 'training' (coarse, fast) or 'realistic' (512x512, 0.6-0.9 mm pixels; slower)",
     )
     parser.add_argument(
+        "--generator",
+        choices=["1", "2"],
+        default="1",
+        help="phantom generator: 1 (original) or 2 (scanner realism, model.phantom.realism)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -149,13 +155,19 @@ def _evaluate_phantoms(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.checkpoint)
     with tempfile.TemporaryDirectory(prefix="unict-eval-") as tmp:
         paths = build_cache(
-            seeds, bundle.card.config.preprocess, Path(tmp), kind=args.grid, workers=args.workers
+            seeds,
+            bundle.card.config.preprocess,
+            Path(tmp),
+            kind=args.grid,
+            workers=args.workers,
+            generator=getattr(args, "generator", "1"),
         )
         metrics = _run(args.checkpoint, (load_case(p) for p in paths), args.cases, args)
     return {
         **{k: metrics[k] for k in ("checkpoint", "model", "cases")},
         "seeds": [seeds.start, seeds.stop - 1],
         "grid": args.grid,
+        "generator": int(getattr(args, "generator", "1")),
         **{k: v for k, v in metrics.items() if k not in ("checkpoint", "model", "cases")},
     }
 

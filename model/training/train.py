@@ -42,7 +42,7 @@ from model.datasets.splits import FOLDS, SPLIT_FILE
 from model.labels import LABEL_KEYS
 from model.network import UniCT
 from model.tokenizer import Tokenizer
-from model.training.data import CaseDataset, build_cache
+from model.training.data import GENERATOR_CHOICES, CaseDataset, build_cache
 from model.training.losses import LossWeights, multitask_loss
 from model.training.metrics import auroc, dice, f1_score
 from model.training.real_data import (
@@ -133,6 +133,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_seed_range,
         default=parse_seed_range("0:600"),
         help="START:COUNT",
+    )
+    parser.add_argument(
+        "--generator",
+        choices=GENERATOR_CHOICES,
+        default="1",
+        help="phantom generator: 1 (original), 2 (scanner realism: kernels, partial volume, "
+        "vessels, fissures, mediastinum; model.phantom.realism) or mix (even seeds 2, odd 1); "
+        "validation phantoms use the same choice",
     )
     parser.add_argument(
         "--val-seeds",
@@ -390,14 +398,28 @@ def train(args: argparse.Namespace) -> TrainResult:
         logger.info("generating %d training phantoms in %s", len(args.train_seeds), cache)
         phantom_train = list(
             tqdm(
-                build_cache(args.train_seeds, cfg.preprocess, cache, workers=args.workers),
+                build_cache(
+                    args.train_seeds,
+                    cfg.preprocess,
+                    cache,
+                    workers=args.workers,
+                    generator=getattr(args, "generator", "1"),
+                ),
                 total=len(args.train_seeds),
                 desc="phantoms",
                 disable=not progress,
             )
         )
     if not data:
-        val_paths = list(build_cache(args.val_seeds, cfg.preprocess, cache, workers=args.workers))
+        val_paths = list(
+            build_cache(
+                args.val_seeds,
+                cfg.preprocess,
+                cache,
+                workers=args.workers,
+                generator=getattr(args, "generator", "1"),
+            )
+        )
     train_paths = real_train + phantom_train
     logger.info("cases ready in %.0f s", time.perf_counter() - started)
 
@@ -466,9 +488,7 @@ def train(args: argparse.Namespace) -> TrainResult:
         sampler = WeightedRandomSampler(
             sample_weights, len(sample_weights), replacement=True, generator=generator
         )
-        loader = DataLoader(
-            train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True
-        )
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
     else:
         loader = DataLoader(
             train_set,
@@ -592,9 +612,7 @@ def calibrate_initial_biases(model: UniCT, dataset: CaseDataset, cases: int = 4)
     known = np.stack(
         [item.get("known", np.ones_like(item["present"])) for item in dataset.items]
     ).astype(np.float64)
-    rate = np.clip(
-        (present * known).sum(axis=0) / np.maximum(known.sum(axis=0), 1.0), 0.02, 0.98
-    )
+    rate = np.clip((present * known).sum(axis=0) / np.maximum(known.sum(axis=0), 1.0), 0.02, 0.98)
     head = model.classifier.net[-1]
     assert isinstance(head, torch.nn.Linear) and head.bias is not None
     head.bias.copy_(torch.from_numpy(np.log(rate / (1 - rate))).to(head.bias.dtype))
@@ -690,9 +708,7 @@ def validation_summary(model: UniCT, dataset: CaseDataset) -> dict[str, Any]:
     dices: list[list[float]] = [[] for _ in range(model.cfg.num_labels)]
     probs, present = _predict(model, dataset, dices)
     known = _known(dataset)
-    aurocs = [
-        auroc(present[known[:, c], c], probs[known[:, c], c]) for c in range(probs.shape[1])
-    ]
+    aurocs = [auroc(present[known[:, c], c], probs[known[:, c], c]) for c in range(probs.shape[1])]
     finite = [a for a in aurocs if a == a]
     every = [d for ds in dices for d in ds]
     return {
@@ -706,7 +722,10 @@ def validation_summary(model: UniCT, dataset: CaseDataset) -> dict[str, Any]:
 def training_data_text(args: argparse.Namespace) -> str:
     """What the model card says the model was trained on."""
     data: list[DataSpec] = list(getattr(args, "data", []) or [])
-    seeds = f"seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}"
+    generator = str(getattr(args, "generator", "1"))
+    seeds = f"seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}" + (
+        "" if generator == "1" else f" (generator {generator})"
+    )
     if not data:
         return (
             TRAINING_DATA + f" Training {seeds}, validation seeds "
