@@ -114,9 +114,7 @@ def save_sample_case(sample: Sample, cfg: PreprocessConfig, path: Path) -> None:
     else:
         masks = np.zeros((NUM_LABELS, *image.shape), dtype=bool)
         has_masks = False
-    present = (
-        sample.present if sample.present is not None else np.zeros(NUM_LABELS, dtype=np.bool_)
-    )
+    present = sample.present if sample.present is not None else np.zeros(NUM_LABELS, dtype=np.bool_)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(
         tmp,

@@ -99,9 +99,10 @@ def test_split_is_written_beside_the_run_by_patient(runs: dict[str, Path]) -> No
     assert (bundle / SPLIT_FILE).read_bytes() == (runs["fold0"] / SPLIT_FILE).read_bytes()
     card = json.loads((bundle / "model_card.json").read_text())
     assert "fold 0 of 5" in card["training_data"]
-    assert "50%" in json.loads((runs["fold1"] / "bundle" / "model_card.json").read_text())[
-        "training_data"
-    ]
+    assert (
+        "50%"
+        in json.loads((runs["fold1"] / "bundle" / "model_card.json").read_text())["training_data"]
+    )
 
 
 def test_resumed_run_continues_where_it_stopped(runs: dict[str, Path]) -> None:
