@@ -243,6 +243,7 @@ def evaluate_series(
     mask_label: str = "nodule",
 ) -> dict[str, Any]:
     """Analyse one series as the node does; the findings, and the comparison with ``mask``."""
+    from engines.base import EngineOptions
     from engines.registry import select_engine
     from model.bundle import load_bundle
 
@@ -251,7 +252,9 @@ def evaluate_series(
     card = bundle.card
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="unict-plans-") as plans:
-        engine = select_engine(engines, bundle, plan_dir=Path(plans), threads=threads)
+        engine = select_engine(
+            engines, bundle, EngineOptions(plan_dir=Path(plans), threads=threads)
+        )
         started = time.perf_counter()
         volume: SourceVolume = load_stage(paths)
         timings["load"] = time.perf_counter() - started
