@@ -38,9 +38,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from engines.base import Engine, InferenceResult  # noqa: E402
-from engines.build import BuildOptions, build_plan, sample_volume, write_random_bundle  # noqa: E402
+from engines.build import BuildOptions, build_plan  # noqa: E402
 from engines.onnxruntime import CPU_PROVIDER, CUDA_PROVIDER, OnnxRuntimeEngine  # noqa: E402
 from engines.pytorch import PyTorchEngine, ReportGenerator  # noqa: E402
+from engines.samples import sample_volume, write_random_bundle  # noqa: E402
 from engines.tensorrt import TensorRTEngine  # noqa: E402
 from model.bundle import CARD_FILE, DEFAULT_CHECKPOINT_DIR, ModelBundle, load_bundle  # noqa: E402
 

@@ -24,6 +24,9 @@ Modules
     ``1/model.onnx``) for the plan or the ONNX export.
 :mod:`engines.registry`
     Backend names, availability report, fallback selection.
+:mod:`engines.samples`
+    Sample inputs: a preprocessed phantom volume (INT8 calibration, parity tests,
+    benchmarks) and a seeded random checkpoint for engine tests.
 
 Decisions
 ---------

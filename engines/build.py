@@ -19,15 +19,12 @@ The integrator registers the command with :func:`add_build_engine_arguments` and
 ``--triton-repo DIR`` also writes the plan (or, with ``--export-only``, the ONNX graph)
 as a Triton model repository entry (:mod:`engines.triton_repository`).
 
-The module also has two helpers for tests and benchmarks: :func:`sample_volume` (a
-realistic preprocessed volume) and :func:`write_random_bundle` (a checkpoint folder of a
-seeded random initialisation, for measuring a configuration no one has trained yet).
+INT8 calibration volumes come from :func:`engines.samples.sample_volume`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -46,6 +43,7 @@ import numpy.typing as npt
 import torch
 
 from engines.export import INPUT_NAME, OPSET, ensure_onnx, graph_summary
+from engines.samples import sample_volume
 from engines.tensorrt import (
     PRECISIONS,
     PlanError,
@@ -59,13 +57,8 @@ from engines.tensorrt import (
     tensorrt_availability,
 )
 from engines.triton_repository import write_onnx_entry, write_plan_entry
-from model.bundle import CARD_FILE, ModelBundle, load_bundle, sha256_of
-from model.card import ModelCard, default_labels
-from model.config import UniCTConfig, get_config
-from model.network import UniCT
-from model.phantom import generate
-from model.tokenizer import Tokenizer
-from model.transforms import preprocess
+from model.bundle import ModelBundle, load_bundle
+from model.config import UniCTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,73 +66,6 @@ DEFAULT_PLAN_DIR = Path("var/plans")
 GIB = 1 << 30
 
 Shape = tuple[int, int, int, int]
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def sample_volume(config: UniCTConfig, seed: int = 0) -> npt.NDArray[np.float32]:
-    """A preprocessed ``(D, H, W)`` volume on ``config``'s model grid.
-
-    A synthetic chest-CT phantom (:func:`model.phantom.generate`, with its inserted
-    abnormalities) goes through :func:`model.transforms.preprocess`, the chain the node
-    runs, so intensities and geometry are those the engines see in production.
-    """
-    phantom = generate(seed)
-    return preprocess(phantom.hu, phantom.affine_lps, config.preprocess).image
-
-
-_REPORT_SENTENCES = (
-    "No focal consolidation. No pleural effusion. The heart size is normal.",
-    "A 12 mm nodule in the right upper lobe. Small left pleural effusion.",
-    "Emphysema in both upper lobes; bronchiectasis in the lower lobes.",
-    "Atelectasis at the left base. Coronary artery calcification. Hiatal hernia.",
-    "Lymphadenopathy in the mediastinum. Pericardial effusion is absent.",
-)
-
-
-def write_random_bundle(
-    directory: Path,
-    config: UniCTConfig | str = "small",
-    *,
-    seed: int = 0,
-    version: str = "0.0.0+random",
-) -> ModelBundle:
-    """Write a checkpoint folder of a seeded random initialisation and load it.
-
-    For engine tests and benchmarks only: the outputs mean nothing clinically, but every
-    backend must still agree on them.
-
-    Parameters
-    ----------
-    directory
-        Created if needed; receives ``model_card.json``, ``tokenizer.json`` and ``unict.pt``.
-    config
-        A configuration or its name (``"small"``, ``"full"``).
-    seed
-        ``torch.manual_seed`` before the initialisation.
-    version
-        The card's version.
-    """
-    cfg = get_config(config) if isinstance(config, str) else config
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer.train(_REPORT_SENTENCES)
-    torch.manual_seed(seed)
-    model = UniCT(cfg, len(tokenizer))
-    card = ModelCard(
-        name=f"unict-{cfg.name}-random",
-        version=version,
-        config=cfg,
-        labels=default_labels(),
-        training_data=f"none: random initialisation (torch.manual_seed({seed}))",
-        intended_use="testing and benchmarking the inference engines only",
-    )
-    weights = directory / card.checkpoint_file
-    torch.save({"model": model.state_dict()}, weights)
-    tokenizer.save(directory / card.tokenizer_file)
-    dataclasses.replace(card, checkpoint_sha256=sha256_of(weights)).save(directory / CARD_FILE)
-    return load_bundle(directory)
 
 
 # --------------------------------------------------------------------------- progress

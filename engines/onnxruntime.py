@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engines.base import Availability, Engine, InferenceResult
+from engines.base import Availability, Engine, EngineOptions, InferenceResult
 from engines.export import INPUT_NAME, OUTPUT_NAMES, ExportedModel, check_volume, ensure_onnx
 from engines.pytorch import ReportGenerator
 from model.bundle import ModelBundle
@@ -51,6 +51,18 @@ class OnnxRuntimeEngine(Engine):
     """
 
     name = "onnxruntime"
+
+    @classmethod
+    def from_options(cls, bundle: ModelBundle, options: EngineOptions) -> OnnxRuntimeEngine:
+        device = options.device
+        providers = (
+            None
+            if device == "auto"
+            else [CPU_PROVIDER]
+            if device == "cpu"
+            else [CUDA_PROVIDER, CPU_PROVIDER]
+        )
+        return cls(bundle, options.onnx_cache, providers=providers, threads=options.threads)
 
     def __init__(
         self,

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
-from engines.base import Availability, Engine
-from engines.onnxruntime import CPU_PROVIDER, CUDA_PROVIDER, OnnxRuntimeEngine
+from engines.base import Availability, Engine, EngineOptions
+from engines.onnxruntime import OnnxRuntimeEngine
 from engines.pytorch import PyTorchEngine
 from engines.tensorrt import TensorRTEngine
 from engines.triton import TritonEngine
@@ -21,7 +20,8 @@ from model.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
-#: Backend name -> class, in the default order of preference. Triton comes last: it is a
+#: The registry: backend name -> class (each builds itself from
+#: :class:`~engines.base.EngineOptions`), in the default order of preference. Triton comes last: it is a
 #: deployment choice (a shared inference server), named explicitly where it is wanted.
 BACKENDS: dict[str, type[Engine]] = {
     "tensorrt": TensorRTEngine,
@@ -29,7 +29,6 @@ BACKENDS: dict[str, type[Engine]] = {
     "pytorch": PyTorchEngine,
     "triton": TritonEngine,
 }
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class NoEngineAvailableError(RuntimeError):
@@ -64,16 +63,7 @@ def availability_report(order: Sequence[str] = tuple(BACKENDS)) -> list[tuple[st
     return [(name, cls.is_available()) for name, cls in classes]
 
 
-def create_engine(
-    name: str,
-    bundle: ModelBundle,
-    *,
-    plan_dir: Path,
-    onnx_dir: Path | None = None,
-    device: str = "auto",
-    threads: int = 0,
-    precision: str = "fp16",
-) -> Engine:
+def create_engine(name: str, bundle: ModelBundle, options: EngineOptions) -> Engine:
     """Construct (not load) backend ``name`` with the node's settings.
 
     Parameters
@@ -83,58 +73,18 @@ def create_engine(
         ``UNICT_TRITON_URL``: see :mod:`engines.triton`).
     bundle
         The checkpoint.
-    plan_dir
-        TensorRT plans (built by ``unict-node build-engine``).
-    onnx_dir
-        Cache of ONNX exports; default ``plan_dir / "onnx"``.
-    device
-        ``"auto"`` (GPU when present), ``"cpu"`` or ``"cuda"``; for Triton, where the
-        report is decoded.
-    threads
-        CPU threads for the CPU backends; 0 leaves their default.
-    precision
-        Precision of the TensorRT plan to load.
+    options
+        Plan and ONNX folders, device, CPU threads, TensorRT precision.
 
     Raises
     ------
     ValueError
-        For an unknown backend or device, or TensorRT asked to run on the CPU.
+        For an unknown backend, or options that do not suit it (TensorRT on the CPU).
     """
-    backend_class(name)
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; choose one of {DEVICES} or cuda:N")
-    if name == "tensorrt":
-        if device == "cpu":
-            raise ValueError("TensorRT needs a CUDA device, and device is 'cpu'")
-        return TensorRTEngine(
-            bundle, plan_dir, device="cuda" if device == "auto" else device, precision=precision
-        )
-    if name == "onnxruntime":
-        providers = (
-            None
-            if device == "auto"
-            else [CPU_PROVIDER]
-            if device == "cpu"
-            else [CUDA_PROVIDER, CPU_PROVIDER]
-        )
-        return OnnxRuntimeEngine(
-            bundle, onnx_dir or Path(plan_dir) / "onnx", providers=providers, threads=threads
-        )
-    if name == "triton":
-        return TritonEngine(bundle, device=device)
-    return PyTorchEngine(bundle, device=device, threads=threads)
+    return backend_class(name).from_options(bundle, options)
 
 
-def select_engine(
-    order: Sequence[str],
-    bundle: ModelBundle,
-    *,
-    plan_dir: Path,
-    onnx_dir: Path | None = None,
-    device: str = "auto",
-    threads: int = 0,
-    precision: str = "fp16",
-) -> Engine:
+def select_engine(order: Sequence[str], bundle: ModelBundle, options: EngineOptions) -> Engine:
     """The first backend of ``order`` that is available here and loads, loaded.
 
     Each backend skipped on the way is logged at WARNING with the reason: its
@@ -159,15 +109,7 @@ def select_engine(
             reason = available.reason or "not available"
         else:
             try:
-                engine = create_engine(
-                    name,
-                    bundle,
-                    plan_dir=plan_dir,
-                    onnx_dir=onnx_dir,
-                    device=device,
-                    threads=threads,
-                    precision=precision,
-                )
+                engine = create_engine(name, bundle, options)
                 engine.load()
             # Any failure to load falls through to the next backend; it is logged with its
             # reason here and kept for the final error, never swallowed.

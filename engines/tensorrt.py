@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engines.base import Availability, Engine, InferenceResult
+from engines.base import Availability, Engine, EngineOptions, InferenceResult
 from engines.export import INPUT_NAME, OUTPUT_NAMES, check_volume, checkpoint_sha256
 from engines.pytorch import ReportGenerator
 from model.bundle import ModelBundle
@@ -424,6 +424,13 @@ class TensorRTEngine(Engine):
     """
 
     name = "tensorrt"
+
+    @classmethod
+    def from_options(cls, bundle: ModelBundle, options: EngineOptions) -> TensorRTEngine:
+        if options.device == "cpu":
+            raise ValueError("TensorRT needs a CUDA device, and device is 'cpu'")
+        device = "cuda" if options.device == "auto" else options.device
+        return cls(bundle, options.plan_dir, device=device, precision=options.precision)
 
     def __init__(
         self, bundle: ModelBundle, plan_dir: Path, device: str = "cuda", precision: str = "fp16"

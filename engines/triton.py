@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engines.base import Availability, Engine, InferenceResult
+from engines.base import Availability, Engine, EngineOptions, InferenceResult
 from engines.export import INPUT_NAME, OUTPUT_NAMES, check_volume
 from engines.pytorch import ReportGenerator, resolve_device
 from engines.triton_repository import (
@@ -258,6 +258,10 @@ class TritonEngine(Engine):
     """
 
     name = "triton"
+
+    @classmethod
+    def from_options(cls, bundle: ModelBundle, options: EngineOptions) -> TritonEngine:
+        return cls(bundle, device=options.device)
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""UniCT configurations: ``small`` (CPU, shipped) and ``full`` (the paper's input size, GPU).
+"""UniCT configurations: ``small`` (CPU, shipped), ``full`` (the paper's input size, GPU),
+and ``tiny`` (smoke runs and CI: the same network at toy sizes, seconds a step on CPU).
 
 Both run the same code path; only sizes differ. The ablation switches of the paper
 (fusion, modulation, and each task's supervision) live here too.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-ConfigName = Literal["small", "full"]
+ConfigName = Literal["small", "full", "tiny"]
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,29 @@ FULL = UniCTConfig(
 )
 
 
+#: Toy sizes for smoke runs and CI (``train --config tiny``): never a model to ship.
+TINY = UniCTConfig(
+    name="tiny",
+    preprocess=PreprocessConfig(spacing_mm=(12.0, 6.0, 6.0), size=(12, 64, 64)),
+    resnet_widths=(8, 16, 32, 64),
+    d_model=64,
+    heads=4,
+    scroll_window=2,
+    fusion_layers=1,
+    decoder_layers=1,
+    cls_hidden=32,
+    max_report_tokens=64,
+)
+
+#: The configurations by name.
+CONFIGS: dict[str, UniCTConfig] = {"small": SMALL, "full": FULL, "tiny": TINY}
+
+
 def get_config(name: str) -> UniCTConfig:
-    """The configuration called ``name`` (``"small"`` or ``"full"``)."""
-    configs = {"small": SMALL, "full": FULL}
+    """The configuration called ``name`` (``"small"``, ``"full"`` or ``"tiny"``)."""
     try:
-        return configs[name]
+        return CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown UniCT configuration {name!r}; choose small or full") from None
+        raise ValueError(
+            f"unknown UniCT configuration {name!r}; choose {', '.join(CONFIGS)}"
+        ) from None

@@ -31,7 +31,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from service.config import AssemblySettings, QueryPeer, SelectionSettings
-from service.receiver import SeriesRef
+from service.instance_handler import SeriesRef
+from service.periodic import PeriodicThread
 from service.selection import InstanceHeader, evaluate
 from service.store import JobRecord, JobStore, PendingSeries
 
@@ -137,9 +138,9 @@ class Assembler:
         self._lock = threading.Lock()
         self._open: dict[int, set[int]] = defaultdict(set)  # association -> series versions
         self._released: set[int] = set()  # series versions whose association was released
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = PeriodicThread(
+            "unict-assembler", self.run_once, lambda: self.assembly.poll_interval_s
+        )
 
     # ------------------------------------------------------------ listener
 
@@ -155,7 +156,7 @@ class Assembler:
             if released:
                 self._released |= series_ids
         if released and series_ids:
-            self._wake.set()
+            self._thread.wake()
 
     def _still_open(self, series_id: int) -> bool:
         return any(series_id in ids for ids in self._open.values())
@@ -233,35 +234,19 @@ class Assembler:
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
-        """Run :meth:`run_once` in a background thread until :meth:`stop`."""
-        if self._thread is not None:
-            raise RuntimeError("the assembler is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="unict-assembler", daemon=True)
+        """Run :meth:`run_once` in a background thread every ``poll_interval_s``, and when
+        an association delivering a series is released, until :meth:`stop`.
+
+        A failed pass loses nothing: the series are still ``RECEIVING`` in the store and
+        the next pass tries again.
+        """
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the background thread."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._thread.stop(timeout)
 
     @property
     def is_alive(self) -> bool:
         """Whether the background thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.assembly.poll_interval_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self.run_once()
-            except Exception:
-                # Nothing is lost: the series are still RECEIVING in the store and the
-                # next pass tries again; a dead thread would stop all assembly.
-                logger.exception("assembly pass failed; retrying in the next pass")
+        return self._thread.is_alive

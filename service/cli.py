@@ -38,6 +38,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.dicom is not None:
+        from service.evaluate_series import cmd_evaluate_series
+
+        return cmd_evaluate_series(args)
     from model.training.evaluate import evaluate
 
     metrics = evaluate(args)
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_worker,
     )
     from service.demo import add_demo_arguments, cmd_demo
+    from service.evaluate_series import add_series_arguments
 
     parser = argparse.ArgumentParser(
         prog="unict-node", description="UniCT Node: chest CT AI on the DICOM network."
@@ -83,12 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a checkpoint on freshly generated phantoms and write metrics JSON",
+        help="evaluate a checkpoint on phantoms, a real dataset (--data) or one real DICOM "
+        "series (--dicom) and write metrics JSON",
         description="Evaluate a checkpoint (--checkpoint) on --cases phantoms generated from --seed "
-        "(a seed never used in training), writing per-class and macro F1/AUROC/AP, Dice, BLEU-4, "
-        "ROUGE-L, clinical-efficacy F1 and the fusion attention matrix to --out.",
+        "(a seed never used in training), or on the test part of a real dataset's fold (--data "
+        "KIND:DIR --fold K), writing per-class and macro F1/AUROC/AP, Dice, BLEU-4, ROUGE-L, "
+        "clinical-efficacy F1 and the fusion attention matrix to --out. With --dicom DIR: one "
+        "real series through the node's own analysis, each finding's probability and "
+        "decision, and with --mask the Dice and the detection of each marked lesion.",
     )
     add_evaluate_arguments(p)
+    add_series_arguments(p)
     p.set_defaults(handler=_cmd_evaluate)
 
     p = sub.add_parser(

@@ -158,7 +158,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     import socket
 
-    from service.http import ServerThread, api_token, create_app
+    from service.http import api_token, create_app
+    from service.http_server import ServerThread
     from service.metrics import NodeMetrics
     from service.processor import UniCTProcessor
     from service.queue import (

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from service.stages import Stage
 
-
-class Stage(StrEnum):
-    """Pipeline stages, as recorded with a job's timings and failures."""
-
-    RECEIVE = "receive"
-    ASSEMBLY = "assembly"
-    SELECTION = "selection"
-    LOAD = "load"
-    PREPROCESS = "preprocess"
-    INFER = "infer"
-    POSTPROCESS = "postprocess"
-    ENCODE = "encode"
-    SEND = "send"
+__all__ = [
+    "ConfigError",
+    "IllegalTransition",
+    "JobNotFound",
+    "LeaseLost",
+    "SendError",
+    "SeriesGeometryError",
+    "StageError",
+    "UniCTNodeError",
+]
 
 
 class UniCTNodeError(Exception):

@@ -1,4 +1,4 @@
-"""The node's HTTP API (Starlette): health, readiness, metrics, and the job records.
+"""The node's HTTP API (FastAPI): health, readiness, metrics, and the job records.
 
 - ``GET /healthz``: the process is alive (nothing else is checked).
 - ``GET /readyz``: every readiness check by name (database reachable, engine loaded,
@@ -7,15 +7,18 @@
 - ``GET /jobs`` (``?state=FAILED&since=2025-01-01T00:00Z&until=...&study_uid=...
   &limit=100&offset=0``), ``GET /jobs/{id}`` (stages, timings, error, what was sent
   where), ``POST /jobs/{id}/retry``.
-- ``GET /openapi.json``: the OpenAPI document (:mod:`service.openapi`).
+- ``GET /openapi.json``: the OpenAPI document, generated from the routes and the response
+  models of :mod:`service.api_models` (:func:`openapi_schema`).
 
 ``unict-node serve`` and ``unict-node worker`` both serve this app, each with its own
-readiness checks (:mod:`service.readiness`), in a :class:`ServerThread`.
+readiness checks (:mod:`service.readiness`), in a :class:`service.http_server.ServerThread`.
 
 Everything but ``/healthz`` and ``/readyz`` needs the bearer token when one is configured
 (always when the API listens beyond loopback; see :attr:`HttpSettings.token_required`).
+Every error is JSON ``{"error": ...}``: a malformed filter or page is 400, an unknown
+route or job 404, a wrong state 409.
 
-Handlers are plain ``def`` functions: Starlette runs them in its thread pool, so the
+Handlers are plain ``def`` functions: FastAPI runs them in its thread pool, so the
 blocking database calls do not stall the event loop. A job store that cannot be reached
 answers 503, not 500: the node is up, its database is not.
 """
@@ -25,33 +28,62 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import re
-import ssl
-import threading
-import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
-import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute
 
-from service.config import Destination, DicomwebDestination, HttpSettings, TlsSettings
+from service.api_models import (
+    CheckResult,
+    ErrorBody,
+    Health,
+    JobDetail,
+    JobList,
+    Readiness,
+    job_detail,
+)
+from service.config import Destination, DicomwebDestination, HttpSettings
 from service.errors import IllegalTransition, JobNotFound
-from service.metrics import CONTENT_TYPE, TIMED_STAGES, NodeMetrics
-from service.openapi import MAX_JOB_ID, MAX_LIMIT, MAX_OFFSET, openapi_schema
+from service.metrics import CONTENT_TYPE, NodeMetrics
 from service.store import JobRecord, JobState, JobStore
+from service.uids import UID_MAX_LENGTH, UID_PATTERN
 
-__all__ = ["Check", "NodeStatus", "ServerThread", "api_token", "create_app", "job_detail"]
+__all__ = [
+    "MAX_JOB_ID",
+    "MAX_LIMIT",
+    "MAX_OFFSET",
+    "Check",
+    "NodeStatus",
+    "api_token",
+    "create_app",
+    "job_detail",
+    "openapi_schema",
+]
 
 logger = logging.getLogger(__name__)
+
+MAX_LIMIT = 1000
+"""Most jobs one ``/jobs`` page holds."""
+
+MAX_JOB_ID = 2**31 - 1
+"""Job ids are 32-bit integers in the database; larger ones cannot exist (404)."""
+
+MAX_OFFSET = 2**31 - 1
+"""Largest ``/jobs`` offset (larger ones do not fit the database's integers)."""
+
+_DESCRIPTION = (
+    "Health, readiness, metrics and the job records of a UniCT DICOM node. Everything but "
+    "/healthz and /readyz needs the bearer token when one is configured (always when the "
+    "API listens beyond loopback)."
+)
 
 
 @dataclass(frozen=True)
@@ -76,69 +108,322 @@ class NodeStatus(Protocol):
         ...
 
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+@dataclass(frozen=True)
+class _AppState:
+    """What :func:`create_app` gives the routes (``app.state.api``)."""
+
+    node: NodeStatus
+    token: bytes | None
+    """``Bearer <token>`` as bytes; ``None`` when no token is required."""
+    metrics: NodeMetrics
+    addresses: Mapping[str, str]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _state(request: Request) -> _AppState:
+    state: _AppState = request.app.state.api
+    return state
 
 
-def _timestamp(value: str) -> datetime:
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=dict(headers or {}))
+
+
+def _require_token(
+    request: Request,
+    # Declares the scheme in the document; the check below reads the header itself.
+    _: Annotated[Any, Depends(HTTPBearer(auto_error=False, scheme_name="bearer"))],
+) -> None:
+    expected = _state(request).token
+    if expected is None:
+        return
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, expected):
+        raise HTTPException(401, "bearer token required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _timestamp(name: str, value: str | None) -> datetime | None:
     """ISO 8601 (a date alone is its midnight); UTC when no offset is given."""
-    parsed = datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (ValueError, OverflowError):
+        raise HTTPException(400, f"{name} must be an ISO 8601 time (2025-01-31T08:00Z)") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def job_detail(job: JobRecord, destinations: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A job as ``/jobs/{id}`` shows it: the record plus stages, error and destinations.
+def _state_filter(value: str | None) -> JobState | None:
+    if value is None:
+        return None
+    try:
+        return JobState(value.upper())
+    except ValueError:
+        raise HTTPException(
+            400, f"state must be one of {', '.join(s.value for s in JobState)}"
+        ) from None
 
-    Parameters
-    ----------
-    job
-        The job record.
-    destinations
-        Address (``AE@host:port``) of each configured destination, by name.
 
-    Returns
-    -------
-    dict
-        JSON-ready: every field of :meth:`JobRecord.to_dict`, and ``stages`` (each timed
-        stage in pipeline order: done, failed or not run, with its seconds), ``error``
-        (stage and reason, or ``None``) and ``destinations`` (per destination: address,
-        instances stored and failed, and each instance's result).
-    """
-    out = job.to_dict()
-    stages = []
-    for stage in TIMED_STAGES:
-        seconds = job.timings.get(stage.value)
-        if job.error_stage == stage.value:
-            status = "failed"
-        elif seconds is not None:
-            status = "done"
-        else:
-            status = "not run"
-        stages.append({"stage": stage.value, "status": status, "seconds": seconds})
-    out["stages"] = stages
-    out["error"] = (
-        None if job.error_reason is None else {"stage": job.error_stage, "reason": job.error_reason}
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "A filter or the page is malformed.",
+        401: "Bearer token missing or wrong.",
+        404: "No such job.",
+        409: "The job is in a state that cannot be retried.",
+        503: "The job store is unreachable.",
+    }
+    return {s: {"model": ErrorBody, "description": described[s]} for s in statuses}
+
+
+_GUARDED = [Depends(_require_token)]
+
+JobId = Annotated[int, Path(ge=0, description="The job's id.")]
+
+router = APIRouter()
+
+
+@router.get(
+    "/healthz", operation_id="healthz", summary="The process is alive (nothing else is checked)."
+)
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="Every readiness check by name: database, engine, DICOM listener, spool space, "
+    "assembler, workers.",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A check failed."}},
+)
+def readyz(request: Request) -> Response:
+    checks = list(_state(request).node.readiness())
+    body = Readiness(
+        ready=all(c.ok for c in checks),
+        checks={c.name: CheckResult(ok=c.ok, detail=c.detail) for c in checks},
     )
-    by_destination: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for result in job.outputs.get("sent") or []:
-        by_destination[str(result.get("destination"))].append(result)
-    addresses = destinations or {}
-    out["destinations"] = [
-        {
-            "name": name,
-            "address": addresses.get(name),
-            "stored": sum(1 for r in results if r.get("ok")),
-            "failed": sum(1 for r in results if not r.get("ok")),
-            "instances": [dict(r) for r in results],
-        }
-        for name, results in by_destination.items()
-    ]
-    return out
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics (text format 0.0.4): instances and bytes received, "
+    "associations refused, jobs by state, stage latencies, send failures, queue depth.",
+    dependencies=_GUARDED,
+    response_class=Response,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_errors(401),
+    },
+)
+def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get(
+    "/jobs",
+    operation_id="listJobs",
+    summary="Jobs, newest first, filtered by state, creation time and study; paged.",
+    dependencies=_GUARDED,
+    responses=_errors(400, 401, 503),
+)
+def list_jobs(
+    request: Request,
+    state: Annotated[
+        str | None,
+        Query(
+            description="Only jobs in this state (any case).",
+            json_schema_extra={"enum": [s.value for s in JobState]},
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        Query(
+            description="Only jobs created at or after this ISO 8601 time (UTC when no "
+            "offset is given; a date alone means its midnight).",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        Query(
+            description="Only jobs created before this ISO 8601 time.",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ] = None,
+    study_uid: Annotated[
+        str | None,
+        Query(
+            description="Only jobs of series in this study.",
+            pattern=UID_PATTERN,
+            max_length=UID_MAX_LENGTH,
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> JobList:
+    filters: dict[str, Any] = {
+        "state": _state_filter(state),
+        "since": _timestamp("since", since),
+        "until": _timestamp("until", until),
+        "study_instance_uid": study_uid,
+    }
+    store = _state(request).node.store
+    jobs = store.list_jobs(**filters, limit=limit, offset=offset)
+    total = store.count_jobs(**filters)
+    following = offset + len(jobs)
+    return JobList(
+        jobs=jobs,
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=following if jobs and following < total else None,
+    )
+
+
+@router.get(
+    "/jobs/{job_id:int}",
+    operation_id="getJob",
+    summary="One job: stages, timings, error, what was sent where.",
+    dependencies=_GUARDED,
+    responses=_errors(401, 404, 503),
+)
+def get_job(request: Request, job_id: JobId) -> JobDetail:
+    api = _state(request)
+    job = api.node.store.get_job(job_id) if job_id <= MAX_JOB_ID else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job_detail(job, api.addresses)
+
+
+@router.post(
+    "/jobs/{job_id:int}/retry",
+    operation_id="retryJob",
+    summary="Run a FAILED or DONE job again (back to QUEUED, attempts reset).",
+    dependencies=_GUARDED,
+    responses=_errors(401, 404, 409, 503),
+)
+def retry_job(request: Request, job_id: JobId) -> JobRecord:
+    if job_id > MAX_JOB_ID:
+        raise HTTPException(404, f"no job {job_id}")
+    try:
+        job = _state(request).node.store.retry(job_id)
+    except JobNotFound:
+        raise HTTPException(404, f"no job {job_id}") from None
+    except IllegalTransition as exc:
+        raise HTTPException(409, str(exc)) from None
+    logger.info("job %d retried through the API", job_id, extra={"job_id": job_id})
+    return job
+
+
+@router.get(
+    "/openapi.json",
+    operation_id="openapi",
+    summary="This document.",
+    dependencies=_GUARDED,
+    responses={
+        200: {
+            "description": "OpenAPI document.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        **_errors(401),
+    },
+)
+def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.openapi())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Starlette's own 404 (no route: /jobs/abc) and 405 too: every error is JSON.
+    assert isinstance(exc, HTTPException)
+    return _error(exc.status_code, exc.detail, exc.headers)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    what = "; ".join(
+        f"{'.'.join(str(part) for part in e['loc'][1:])}: {e['msg']}" for e in exc.errors()
+    )
+    return _error(400, what or "malformed request")
+
+
+async def _store_down(request: Request, exc: Exception) -> Response:
+    # The type only: a driver's message may quote the statement's parameters.
+    logger.error(
+        "HTTP %s %s: job store error %s", request.method, request.url.path, type(exc).__name__
+    )
+    return _error(503, "the job store is unreachable")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    logger.info("HTTP API up%s", " (token required)" if app.state.api.token else "")
+    yield
+    logger.info("HTTP API down")
+
+
+def _application() -> FastAPI:
+    app = FastAPI(
+        title="UniCT node",
+        version="1",
+        description=_DESCRIPTION,
+        openapi_url=None,  # served by the guarded route above
+        docs_url=None,
+        redoc_url=None,
+        lifespan=_lifespan,
+        exception_handlers={
+            HTTPException: _http_error,
+            RequestValidationError: _invalid,
+            SQLAlchemyError: _store_down,
+        },
+    )
+    # The routes themselves, not a mounted router: `app.routes` lists every path served.
+    app.router.routes.extend(router.routes)
+    app.openapi = lambda: _document(app)  # type: ignore[method-assign]
+    return app
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter's schema without FastAPI's ``anyOf: [..., null]`` for an optional
+    one: a query string has no null, only absence."""
+    options = schema.get("anyOf")
+    if not isinstance(options, list):
+        return schema
+    kept = [o for o in options if o != {"type": "null"}]
+    if len(kept) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    return {**kept[0], **rest}
+
+
+def _document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less its 422 answers (a malformed request is a 400 here) and
+    the null of optional query parameters."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                for parameter in operation.get("parameters", []):
+                    parameter["schema"] = _not_null(parameter["schema"])
+        schemas = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The OpenAPI document of the node's HTTP API, as ``/openapi.json`` serves it."""
+    return _application().openapi()
 
 
 def api_token(http: HttpSettings) -> str | None:
@@ -153,7 +438,7 @@ def create_app(
     metrics: NodeMetrics | None = None,
     destinations: Sequence[Destination | DicomwebDestination] = (),
     routes: Sequence[BaseRoute] = (),
-) -> Starlette:
+) -> FastAPI:
     """Build the HTTP application.
 
     Parameters
@@ -168,239 +453,20 @@ def create_app(
     destinations
         The configured destinations, to show their addresses in ``/jobs/{id}``.
     routes
-        More routes with their own authentication (the STOW-RS endpoints).
+        More routes with their own authentication (the STOW-RS endpoints; not in the
+        OpenAPI document).
 
     Returns
     -------
-    Starlette
+    FastAPI
         The ASGI application.
     """
-    expected = f"Bearer {token}".encode() if token else None
-    registry = metrics or NodeMetrics(node_status.store)
-    addresses = {d.name: d.address for d in destinations}
-    schema = openapi_schema()
-
-    def guarded(
-        handler: Callable[[Request], Response],
-    ) -> Callable[[Request], Response]:
-        def wrapper(request: Request) -> Response:
-            if expected is not None:
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    return _error(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
-            return handler(request)
-
-        return wrapper
-
-    def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
-
-    def readyz(request: Request) -> Response:
-        checks = list(node_status.readiness())
-        ready = all(c.ok for c in checks)
-        body = {
-            "ready": ready,
-            "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
-
-    def get_metrics(request: Request) -> Response:
-        return Response(registry.render(), media_type=CONTENT_TYPE)
-
-    def openapi(request: Request) -> Response:
-        return JSONResponse(schema)
-
-    def list_jobs(request: Request) -> Response:
-        params = request.query_params
-        try:
-            state = JobState(params["state"].upper()) if "state" in params else None
-        except ValueError:
-            return _error(400, f"state must be one of {', '.join(s.value for s in JobState)}")
-        try:
-            since = _timestamp(params["since"]) if "since" in params else None
-            until = _timestamp(params["until"]) if "until" in params else None
-        except (ValueError, OverflowError):
-            return _error(400, "since and until must be ISO 8601 times (2025-01-31T08:00Z)")
-        study_uid = params.get("study_uid")
-        if study_uid is not None and (len(study_uid) > 64 or not _UID.match(study_uid)):
-            return _error(400, "study_uid must be a UID (digits and dots, at most 64)")
-        try:
-            limit = int(params.get("limit", 100))
-            offset = int(params.get("offset", 0))
-        except ValueError:
-            return _error(400, "limit and offset must be integers")
-        if not (0 <= limit <= MAX_LIMIT and 0 <= offset <= MAX_OFFSET):
-            return _error(400, f"limit must be 0..{MAX_LIMIT}, offset 0..{MAX_OFFSET}")
-        filters: dict[str, Any] = {
-            "state": state,
-            "since": since,
-            "until": until,
-            "study_instance_uid": study_uid,
-        }
-        store = node_status.store
-        jobs = store.list_jobs(**filters, limit=limit, offset=offset)
-        total = store.count_jobs(**filters)
-        following = offset + len(jobs)
-        return JSONResponse(
-            {
-                "jobs": [j.to_dict() for j in jobs],
-                "total": total,
-                "limit": limit,
-                "offset": offset,
-                "next_offset": following if jobs and following < total else None,
-            }
-        )
-
-    def get_job(request: Request) -> Response:
-        job_id: int = request.path_params["job_id"]
-        job = node_status.store.get_job(job_id) if job_id <= MAX_JOB_ID else None
-        if job is None:
-            return _error(404, f"no job {job_id}")
-        return JSONResponse(job_detail(job, addresses))
-
-    def retry_job(request: Request) -> Response:
-        job_id: int = request.path_params["job_id"]
-        if job_id > MAX_JOB_ID:
-            return _error(404, f"no job {job_id}")
-        try:
-            job = node_status.store.retry(job_id)
-        except JobNotFound:
-            return _error(404, f"no job {job_id}")
-        except IllegalTransition as exc:
-            return _error(409, str(exc))
-        logger.info("job %d retried through the API", job_id, extra={"job_id": job_id})
-        return JSONResponse(job.to_dict())
-
-    def http_error(request: Request, exc: Exception) -> Response:
-        # Starlette's own 404 (no route: /jobs/abc) and 405 answer in plain text; every
-        # error of this API is JSON ``{"error": ...}``, as the OpenAPI document says.
-        assert isinstance(exc, HTTPException)
-        return _error(exc.status_code, exc.detail, dict(exc.headers or {}))
-
-    def store_down(request: Request, exc: Exception) -> Response:
-        # The type only: a driver's message may quote the statement's parameters.
-        logger.error(
-            "HTTP %s %s: job store error %s", request.method, request.url.path, type(exc).__name__
-        )
-        return _error(503, "the job store is unreachable")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        logger.info("HTTP API up%s", " (token required)" if expected else "")
-        yield
-        logger.info("HTTP API down")
-
-    return Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", guarded(get_metrics)),
-            Route("/jobs", guarded(list_jobs)),
-            Route("/jobs/{job_id:int}", guarded(get_job)),
-            Route("/jobs/{job_id:int}/retry", guarded(retry_job), methods=["POST"]),
-            Route("/openapi.json", guarded(openapi)),
-            *routes,
-        ],
-        exception_handlers={HTTPException: http_error, SQLAlchemyError: store_down},
-        lifespan=lifespan,
+    app = _application()
+    app.state.api = _AppState(
+        node=node_status,
+        token=f"Bearer {token}".encode() if token else None,
+        metrics=metrics or NodeMetrics(node_status.store),
+        addresses={d.name: d.address for d in destinations},
     )
-
-
-class ServerThread:
-    """An ASGI app served by uvicorn in a daemon thread, with its own event loop.
-
-    uvicorn installs no signal handlers outside the main thread, so the process keeps its
-    own SIGTERM handling (``serve``'s, or procrastinate's in ``worker``).
-
-    Parameters
-    ----------
-    app
-        The application (:func:`create_app`).
-    host, port
-        Where to listen (port 0: any free port; :attr:`port` says which).
-    tls
-        ``http.tls``: HTTPS when enabled.
-    """
-
-    def __init__(
-        self, app: Starlette, host: str, port: int, *, tls: TlsSettings | None = None
-    ) -> None:
-        self.host = host
-        self._wanted_port = port
-        options: dict[str, Any] = {}
-        if tls is not None and tls.enabled:
-            # HTTPS; with ca_file, client certificates are verified and their CN reaches
-            # the STOW-RS allow-list (required with require_client_cert).
-            from service.dicomweb.peer_certificate import PeerCertificateProtocol
-
-            options = {
-                "ssl_certfile": str(tls.cert_file),
-                "ssl_keyfile": str(tls.key_file),
-                "ssl_ca_certs": None if tls.ca_file is None else str(tls.ca_file),
-                "ssl_cert_reqs": (
-                    ssl.CERT_REQUIRED
-                    if tls.require_client_cert
-                    else ssl.CERT_OPTIONAL
-                    if tls.ca_file is not None
-                    else ssl.CERT_NONE
-                ),
-                "http": PeerCertificateProtocol,
-            }
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            **options,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start serving; return once the socket is bound.
-
-        Raises
-        ------
-        RuntimeError
-            The server could not bind (see the log) or did not start within `timeout`.
-        """
-        server = self._server
-
-        def serve() -> None:
-            try:
-                server.run()
-            except SystemExit:
-                # uvicorn exits the process when it cannot bind; here that ends only its
-                # thread, and start() reports it.
-                logger.error("HTTP API stopped at start-up")
-
-        thread = threading.Thread(target=serve, name="unict-http", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError(
-                    f"HTTP API could not start on {self.host}:{self._wanted_port} (see the log)"
-                )
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                raise RuntimeError("HTTP API did not start in time")
-            time.sleep(0.01)
-        self._thread = thread
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        if self._thread is None or not self._server.servers:
-            raise RuntimeError("the HTTP API is not running")
-        sockets = self._server.servers[0].sockets
-        return int(sockets[0].getsockname()[1])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving (requests in flight finish) and wait up to `timeout` for the thread."""
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=timeout)
-            self._thread = None
+    app.router.routes.extend(routes)
+    return app

@@ -1,8 +1,8 @@
 """Shape and attenuation of lesion candidates: what tells a nodule from a vessel.
 
 The model's masks come from a grid of a few millimetres, so a nodule's mask also takes
-in vessel segments that look alike at that scale (TOOLCHAIN.md: on LIDC-IDRI-0001 nine of
-ten "nodule" components were hilar and central vessels). CAD systems filter candidates
+in vessel segments that look alike at that scale (on the LIDC-IDRI-0001 chest CT nine of
+ten "nodule" components were hilar and central vessels before this filter). CAD systems filter candidates
 by the local shape of the image itself (Li, Sone and Doi, Med. Phys. 2003): at the scale
 of a candidate, the Hessian of the smoothed CT has three strongly negative eigenvalues at
 a bright blob (a nodule), two at a bright tube (a vessel) and one at a plate (a fissure,

@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.errors import Stage
+from service.stages import Stage
 from service.store import JobState, JobStore
 
 __all__ = ["CONTENT_TYPE", "TIMED_STAGES", "NodeMetrics"]

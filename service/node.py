@@ -22,7 +22,8 @@ from types import TracebackType
 from service.assembly import Assembler, CFindCounter, SeriesCounter
 from service.config import Settings
 from service.dicomweb.stow import StowService
-from service.http import Check, ServerThread, api_token, create_app
+from service.http import Check, api_token, create_app
+from service.http_server import ServerThread
 from service.metrics import NodeMetrics
 from service.queue import apply_procrastinate_schema, queue_hook
 from service.readiness import database_check, spool_space_check, status_check

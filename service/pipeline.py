@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -22,12 +22,14 @@ from pydicom.uid import generate_uid
 from engines.base import Engine, InferenceResult
 from model.card import ModelCard
 from model.transforms import ModelInput, preprocess
-from service.errors import Stage, StageError
+from service.config import OutputsSettings
+from service.errors import StageError
 from service.lung_field import LungField
 from service.outputs.sc import build_key_images
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
 from service.postprocess import AnalysisResult, PostprocessOptions, postprocess
+from service.stages import Stage
 from service.volume import SourceVolume, load_series
 
 logger = logging.getLogger(__name__)
@@ -41,14 +43,10 @@ class OutputOptions:
 
     Attributes
     ----------
-    seg_series_number, seg_series_description
-        Of the SEG series.
-    sr_series_number, sr_series_description
-        Of the SR series.
-    segmentation_type
-        ``"BINARY"`` (default; every PACS and dciodvfy know it) or ``"LABELMAP"``.
-    omit_empty_frames
-        Leave frames without segmented pixels out of the SEG.
+    settings
+        The ``outputs`` section of the configuration (series numbers and descriptions,
+        BINARY or LABELMAP SEG, empty frames, lesions itemised, key images), validated
+        there: equal series numbers are refused at load.
     device_serial
         Device Serial Number of the node (the host name when empty).
     min_lesion_ml
@@ -56,41 +54,12 @@ class OutputOptions:
     mask_threshold
         Probability above which a voxel is in a finding's mask; ``None``: the model
         card's per-class mask thresholds.
-    max_lesions
-        Lesions itemised in the SR per focal finding (largest first); the rest are counted.
-    sc_enabled, sc_series_number, sc_series_description, sc_max_images
-        The optional key-image series (Secondary Capture, findings burned in).
     """
 
-    seg_series_number: int = 9901
-    seg_series_description: str = "UniCT segmentation (research)"
-    sr_series_number: int = 9902
-    sr_series_description: str = "UniCT findings (research)"
-    segmentation_type: str = "BINARY"
-    omit_empty_frames: bool = True
+    settings: OutputsSettings = field(default_factory=OutputsSettings)
     device_serial: str = ""
     min_lesion_ml: float = 0.05
     mask_threshold: float | None = None
-    max_lesions: int = 5
-    sc_enabled: bool = False
-    sc_series_number: int = 9903
-    sc_series_description: str = "UniCT key images (research)"
-    sc_max_images: int = 5
-
-    def __post_init__(self) -> None:
-        if self.segmentation_type not in ("BINARY", "LABELMAP"):
-            raise ValueError(
-                f"segmentation_type must be BINARY or LABELMAP, got {self.segmentation_type!r}"
-            )
-        if self.seg_series_number == self.sr_series_number:
-            raise ValueError("the SEG and SR series numbers must differ")
-        if self.sc_enabled and self.sc_series_number in (
-            self.seg_series_number,
-            self.sr_series_number,
-        ):
-            raise ValueError("the key-image series number must differ from the SEG's and SR's")
-        if self.sc_max_images < 1:
-            raise ValueError(f"sc_max_images must be at least 1, got {self.sc_max_images}")
 
 
 @dataclass(frozen=True)
@@ -254,7 +223,7 @@ def postprocess_stage(
     options = PostprocessOptions(
         min_lesion_ml=outputs.min_lesion_ml,
         mask_threshold=outputs.mask_threshold,
-        max_lesions=outputs.max_lesions,
+        max_lesions=outputs.settings.sr.max_lesions_per_finding,
     )
     return postprocess(result, model_input, volume, card, options, lungs=lungs)
 
@@ -272,10 +241,10 @@ def encode_stage(
         volume,
         analysis,
         card,
-        series_number=outputs.seg_series_number,
-        series_description=outputs.seg_series_description,
-        segmentation_type=outputs.segmentation_type,
-        omit_empty_frames=outputs.omit_empty_frames,
+        series_number=outputs.settings.seg.series_number,
+        series_description=outputs.settings.seg.series_description,
+        segmentation_type=outputs.settings.seg.segmentation_type,
+        omit_empty_frames=outputs.settings.seg.omit_empty_frames,
         device_serial=outputs.device_serial,
         series_instance_uid=uids.seg_series if uids else None,
         sop_instance_uid=uids.seg_instance if uids else None,
@@ -285,8 +254,8 @@ def encode_stage(
         analysis,
         seg,
         card,
-        series_number=outputs.sr_series_number,
-        series_description=outputs.sr_series_description,
+        series_number=outputs.settings.sr.series_number,
+        series_description=outputs.settings.sr.series_description,
         device_serial=outputs.device_serial,
         series_instance_uid=uids.sr_series if uids else None,
         sop_instance_uid=uids.sr_instance if uids else None,
@@ -301,19 +270,20 @@ def key_image_stage(
     outputs: OutputOptions,
     uids: OutputUIDs | None = None,
 ) -> tuple[Dataset, ...]:
-    """Part of stage ``encode``: the key images, when ``outputs.sc_enabled``."""
-    if not outputs.sc_enabled:
+    """Part of stage ``encode``: the key images, when ``outputs.sc.enabled``."""
+    sc = outputs.settings.sc
+    if not sc.enabled:
         return ()
     return tuple(
         build_key_images(
             volume,
             analysis,
             card,
-            series_number=outputs.sc_series_number,
-            series_description=outputs.sc_series_description,
-            max_images=outputs.sc_max_images,
+            series_number=sc.series_number,
+            series_description=sc.series_description,
+            max_images=sc.max_images,
             series_instance_uid=(uids.sc_series or None) if uids else None,
-            sop_instance_uids=uids.sc_instances(outputs.sc_max_images) if uids else None,
+            sop_instance_uids=uids.sc_instances(sc.max_images) if uids else None,
         )
     )
 

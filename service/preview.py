@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.postprocess import AnalysisResult
+from service.findings import AnalysisResult
 from service.volume import SourceVolume
 
 LUNG_WINDOW = (-1350.0, 150.0)

@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from engines.base import Engine
+from engines.base import Engine, EngineOptions
 from engines.registry import select_engine
 from model.bundle import ModelBundle, load_bundle
 from service.config import Settings
@@ -26,22 +26,8 @@ logger = logging.getLogger(__name__)
 
 
 def output_options(settings: Settings) -> OutputOptions:
-    """SEG/SR/SC options from the ``outputs`` section of config."""
-    seg, sr = settings.outputs.seg, settings.outputs.sr
-    return OutputOptions(
-        seg_series_number=seg.series_number,
-        seg_series_description=seg.series_description,
-        sr_series_number=sr.series_number,
-        sr_series_description=sr.series_description,
-        max_lesions=sr.max_lesions_per_finding,
-        segmentation_type=seg.segmentation_type,
-        omit_empty_frames=seg.omit_empty_frames,
-        device_serial=settings.dicom.ae_title,
-        sc_enabled=settings.outputs.sc.enabled,
-        sc_series_number=settings.outputs.sc.series_number,
-        sc_series_description=settings.outputs.sc.series_description,
-        sc_max_images=settings.outputs.sc.max_images,
-    )
+    """SEG/SR/SC options: the ``outputs`` section, with the node's AE title as device serial."""
+    return OutputOptions(settings=settings.outputs, device_serial=settings.dicom.ae_title)
 
 
 class UniCTProcessor:
@@ -69,12 +55,8 @@ class UniCTProcessor:
             try:
                 model = self.settings.model
                 bundle = load_bundle(model.checkpoint_path)
-                engine = select_engine(
-                    model.engines,
-                    bundle,
-                    plan_dir=Path(model.plan_dir),
-                    threads=model.threads or 0,
-                )
+                options = EngineOptions(plan_dir=Path(model.plan_dir), threads=model.threads or 0)
+                engine = select_engine(model.engines, bundle, options)
             except Exception as exc:  # recorded for /readyz; the node stays up and unready
                 self._error = f"{type(exc).__name__}: {exc}"
                 logger.error("model not loaded: %s", self._error)

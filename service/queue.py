@@ -1,4 +1,4 @@
-"""How a ``QUEUED`` job reaches a worker: the ``queue.backend`` setting (DESIGN.md §6).
+"""How a ``QUEUED`` job reaches a worker: the ``queue.backend`` setting.
 
 - ``embedded`` (one node): no hook; the in-process :class:`~service.worker.Workers` poll
   the job store.
@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from service.config import QueueSettings, Settings
 from service.store import JobStore, QueuedHook, QueuedJob
-from service.store.repository import create_store_engine
+from service.store.engine import create_store_engine
 
 if TYPE_CHECKING:
     import procrastinate

@@ -1,18 +1,9 @@
 """The DICOM listener: a pynetdicom Storage SCP for CT that spools and records instances.
 
-The C-STORE handler does only what must happen before the status goes back to the sender
-(DESIGN.md §2): check the disk, read the header, write the file atomically into the spool
-(temporary file in the target folder, ``fsync``, ``rename``), record it in the job store,
-and tell the assembler. It never decodes pixel data or runs the pipeline.
-
-Statuses (PS3.4 Annex B.2.3, as pynetdicom names them):
-
-- ``0x0000`` stored (a duplicate of a stored instance is a success too);
-- ``0xA700`` out of resources: spool space below ``storage.min_free_mb``, a disk error, or
-  the job store unreachable; the sender may try again later;
-- ``0xA900`` the dataset does not match the SOP class (or instance) of the request;
-- ``0xC210`` cannot understand: not decodable, or UIDs missing or invalid;
-- ``0x0122`` SOP class not supported.
+Each C-STORE goes to :class:`~service.instance_handler.InstanceHandler` (spool, record,
+tell the assembler; its statuses are listed there). The receiver is the server around it:
+presentation contexts (the transfer syntaxes the pipeline can decode), TLS, and who may
+associate.
 
 Associations are accepted only from ``dicom.allowed_callers`` (and ``allowed_hosts`` when
 set): others get an A-ASSOCIATE-RJ, permanent, "calling AE title not recognised".
@@ -23,24 +14,14 @@ C-STOREs (by status) and rejected associations (by reason) are counted.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
-import os
-import re
-import shutil
 import ssl
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
     UID,
@@ -56,16 +37,26 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy.exc import SQLAlchemyError
 
 from service.config import DicomSettings, StorageSettings, TlsSettings
+from service.instance_handler import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    STATUS_SUCCESS,
+    STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED,
+    SUPPORTED_SOP_CLASSES,
+    AssociationListener,
+    InstanceHandler,
+    SeriesRef,
+    StoreResult,
+)
 from service.metrics import NodeMetrics
-from service.selection import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
-from service.store import JobStore, ReceivedInstance, RecordOutcome
+from service.store import JobStore
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -85,16 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: PS3.18 Table 10.5.3-3 "Referenced Transfer Syntax not supported" (STOW-RS; a C-STORE
-#: cannot arrive in a syntax the association did not accept).
-STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
-
-SUPPORTED_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 
 # Lossless compressed syntaxes a CT may arrive in; each is offered only when a pixel data
 # decoder of the node's ``decoders`` extra is installed (pip install 'unict-node[decoders]':
@@ -134,11 +115,6 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     *(s for s in _COMPRESSED_LOSSLESS if _decodable(s)),
 )
 
-# A UID is digits and dots, at most 64 characters (PS3.5 §9.1). It becomes a path
-# component, so anything else is refused outright.
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
 # (Result Source, Diagnostic) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4) -> metrics label.
 _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
     (0x01, 0x03): "calling_ae",
@@ -147,53 +123,8 @@ _REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
 }
 
 
-@dataclass(frozen=True)
-class SeriesRef:
-    """The series version an instance was recorded in."""
-
-    series_id: int
-    version: int
-    job_id: int
-    study_instance_uid: str
-    series_instance_uid: str
-    calling_ae: str
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """What became of one received file (:meth:`Receiver.store_file`)."""
-
-    status: int
-    """``0x0000`` stored (a duplicate too), else the refusal's C-STORE status."""
-    reason: str
-    """Why it was refused ("" when stored); no patient data."""
-    sop_class_uid: str = ""
-    sop_instance_uid: str = ""
-    """The dataset's UIDs, when it could be read that far."""
-    series: SeriesRef | None = None
-    duplicate: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """Whether it is stored."""
-        return self.status == STATUS_SUCCESS
-
-
 # DUL states of an association with nothing left to abort: idle, awaiting the close.
 _ENDED_STATES = frozenset({"Sta1", "Sta13"})
-
-
-class AssociationListener(Protocol):
-    """Told about instances as they are stored, and about associations ending.
-
-    Both methods are called from association threads: they must be quick and thread-safe.
-    """
-
-    def instance_received(self, association_id: int, series: SeriesRef) -> None:
-        """An instance of `series` was stored on association `association_id`."""
-
-    def association_ended(self, association_id: int, *, released: bool) -> None:
-        """The association ended: released normally, or aborted/dropped."""
 
 
 def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -207,56 +138,6 @@ def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
         context.load_verify_locations(cafile=tls.ca_file)
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
     return context
-
-
-# Values longer than this are not read while checking a received file (pixel data stays on
-# disk); they are only checked to end inside the file.
-_DEFER_BYTES = 4096
-#: The Part 10 preamble and prefix (PS3.10 §7.1), put before a file that came without them.
-_PREAMBLE = b"\0" * 128 + b"DICM"
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _incomplete(ds: Dataset, size: int) -> str | None:
-    """Why a dataset read from a file of `size` bytes is cut short, or ``None``.
-
-    A sender that drops the connection mid-object, or a router that forwards a truncated
-    file, leaves a dataset whose last value ends past the end of the data; pydicom reads
-    such a file with a warning only, so it is checked here, before success is answered.
-    An encapsulated Pixel Data cut before its delimiter is dropped by pydicom: a missing
-    Pixel Data is caught the same way.
-    """
-    if "PixelData" not in ds:
-        return "no Pixel Data (missing, or cut before its end)"
-    pixels = ds.get_item(0x7FE00010)
-    if isinstance(pixels, RawDataElement) and pixels.length != _UNDEFINED_LENGTH:
-        # Native (uncompressed) pixel data must hold every frame (PS3.5 §8.1.1).
-        try:
-            frames = int(ds.get("NumberOfFrames") or 1)
-            bits = int(ds.BitsAllocated)
-            samples = int(ds.get("SamplesPerPixel") or 1)
-            needed = (int(ds.Rows) * int(ds.Columns) * samples * frames * bits + 7) // 8
-        except (AttributeError, TypeError, ValueError):
-            return "Rows, Columns or BitsAllocated missing or invalid"
-        if pixels.length < needed:
-            return f"Pixel Data has {pixels.length} bytes, the image needs {needed}"
-    for element in ds.elements():
-        if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
-            continue
-        if element.value_tell + element.length > size:
-            return (
-                f"value of {element.tag} ends at byte {element.value_tell + element.length} "
-                f"of a {size}-byte object (truncated)"
-            )
-    return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Receiver:
@@ -291,6 +172,13 @@ class Receiver:
         self.store = store
         self.listener = listener
         self.spool_dir = storage.spool_dir
+        self._handler = InstanceHandler(
+            storage,
+            store,
+            listener=listener,
+            metrics=metrics,
+            transfer_syntaxes=SUPPORTED_TRANSFER_SYNTAXES,
+        )
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._ae: AE | None = None
@@ -482,26 +370,6 @@ class Receiver:
 
     # ------------------------------------------------------------ C-STORE
 
-    def _on_store(self, event: Event) -> int:
-        status = self._store_instance(event)
-        if status == STATUS_SOP_CLASS_NOT_SUPPORTED and self.metrics is not None:
-            # refused before store_file, which counts every other refusal
-            self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
-        return status
-
-    def _store_instance(self, event: Event) -> int:
-        request = cast(C_STORE, event.request)
-        requested_class = str(request.AffectedSOPClassUID)
-        if requested_class not in SUPPORTED_SOP_CLASSES:
-            return STATUS_SOP_CLASS_NOT_SUPPORTED
-        return self.store_file(
-            event.dataset_path,
-            caller=str(event.assoc.requestor.ae_title).strip(),
-            connection=id(event.assoc),
-            requested_class=requested_class,
-            requested_instance=str(request.AffectedSOPInstanceUID),
-        ).status
-
     def store_file(
         self,
         source: Path,
@@ -512,35 +380,12 @@ class Receiver:
         requested_instance: str | None = None,
         study_uid: str | None = None,
     ) -> StoreResult:
-        """Spool and record one received DICOM file: the one ingest path of the node.
+        """Store one received file (STOW-RS) the way a C-STORE is stored.
 
-        C-STORE and STOW-RS both come here, so durability (written, ``fsync``-ed and
-        renamed before success), the spool floor, the SOP class and transfer syntax
-        checks, the job store record and the assembler's notice are the same for both.
-
-        Parameters
-        ----------
-        source
-            A DICOM Part 10 file (file meta included) that may be read and then removed
-            by the caller; it is copied, not moved.
-        caller
-            Who sent it: the calling AE title, or the DICOMweb client's name.
-        connection
-            The association (or HTTP request) it came on; the assembler is told when it
-            ends (:meth:`AssociationListener.association_ended`).
-        requested_class, requested_instance
-            The SOP Class and Instance UIDs the C-STORE request named (the dataset must
-            match them); ``None`` when the transport names none (STOW-RS).
-        study_uid
-            The study the instance must belong to (``POST /studies/{study}``).
-
-        Returns
-        -------
-        StoreResult
-            The status (``0x0000`` stored, or why not), the dataset's UIDs when they could
-            be read, and the series version it was recorded in.
+        See :meth:`InstanceHandler.store_file <service.instance_handler.InstanceHandler.store_file>`;
+        refusals are counted like the C-STORE ones.
         """
-        result = self._store_file(
+        result = self._handler.store_file(
             source,
             caller=caller,
             connection=connection,
@@ -548,156 +393,9 @@ class Receiver:
             requested_instance=requested_instance,
             study_uid=study_uid,
         )
-        if result.status != STATUS_SUCCESS and self.metrics is not None:
+        if not result.ok and self.metrics is not None:
             self.metrics.instances_refused.labels(status=f"0x{result.status:04X}").inc()
         return result
-
-    def _store_file(
-        self,
-        source: Path,
-        *,
-        caller: str,
-        connection: int,
-        requested_class: str | None,
-        requested_instance: str | None,
-        study_uid: str | None,
-    ) -> StoreResult:
-        label = requested_instance or source.name
-        prefix = b""
-
-        def refused(
-            status: int, reason: str, sop_class_uid: str = "", sop_instance_uid: str = ""
-        ) -> StoreResult:
-            return StoreResult(status, reason, sop_class_uid, sop_instance_uid)
-
-        try:
-            free_mb = shutil.disk_usage(self.spool_dir).free / 2**20
-        except OSError as exc:
-            logger.error("spool %s unusable: %s", self.spool_dir, exc)
-            return refused(STATUS_OUT_OF_RESOURCES, "spool unusable")
-        if free_mb < self.storage.min_free_mb:
-            logger.error(
-                "refusing sop %s: %.0f MB free in the spool < min_free_mb %d",
-                label,
-                free_mb,
-                self.storage.min_free_mb,
-            )
-            return refused(STATUS_OUT_OF_RESOURCES, "spool space below storage.min_free_mb")
-
-        try:
-            try:
-                ds = dcmread(source, defer_size=_DEFER_BYTES)
-            except InvalidDicomError:
-                # File meta without the 128-byte preamble and "DICM" (pydicom 3 writes such
-                # files unless asked for the file format; dicomweb-client sends them): read
-                # it when the meta names its transfer syntax, else it is not DICOM.
-                ds = dcmread(source, defer_size=_DEFER_BYTES, force=True)
-                if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-                    raise
-                prefix = _PREAMBLE  # spooled as a proper Part 10 file
-            sop_class = str(ds.get("SOPClassUID", ""))
-            sop_instance = str(ds.get("SOPInstanceUID", ""))
-            syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", ""))
-        except Exception as exc:  # any decoding failure means one thing: cannot understand
-            logger.warning("sop %s cannot be decoded: %s", label, exc)
-            return refused(STATUS_CANNOT_UNDERSTAND, "not a readable DICOM Part 10 file")
-        uids = {"sop_class_uid": sop_class, "sop_instance_uid": sop_instance}
-        if requested_class is None and sop_class not in SUPPORTED_SOP_CLASSES:
-            logger.warning("sop %s: SOP class %s not supported", label, sop_class)
-            return refused(
-                STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} not supported", **uids
-            )
-        if syntax not in SUPPORTED_TRANSFER_SYNTAXES:
-            logger.warning("sop %s: transfer syntax %s not supported", label, syntax)
-            return refused(
-                STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED,
-                f"transfer syntax {syntax or '(none)'} not supported",
-                **uids,
-            )
-        try:
-            problem = _incomplete(ds, source.stat().st_size)
-            if problem is not None:
-                logger.warning("sop %s cannot be stored: %s", label, problem)
-                return refused(STATUS_CANNOT_UNDERSTAND, problem, **uids)
-            header = InstanceHeader.from_dataset(ds)
-            instance_study = str(ds.StudyInstanceUID)
-            series_uid = str(ds.SeriesInstanceUID)
-        except Exception as exc:  # any decoding failure means one thing: cannot understand
-            logger.warning("sop %s cannot be decoded: %s", label, exc)
-            return refused(STATUS_CANNOT_UNDERSTAND, "header not decodable", **uids)
-        for name, uid in (
-            ("StudyInstanceUID", instance_study),
-            ("SeriesInstanceUID", series_uid),
-            ("SOPInstanceUID", header.sop_instance_uid),
-        ):
-            if len(uid) > 64 or not _UID.match(uid):
-                logger.warning("sop %s: invalid %s", label, name)
-                return refused(STATUS_CANNOT_UNDERSTAND, f"invalid {name}", **uids)
-        if requested_class is not None and (
-            header.sop_class_uid != requested_class
-            or header.sop_instance_uid != requested_instance
-        ):
-            logger.warning("sop %s: dataset's SOP class/instance differ from the request's", label)
-            return refused(
-                STATUS_DATASET_MISMATCH, "SOP class/instance differ from the request's", **uids
-            )
-        if study_uid is not None and instance_study != study_uid:
-            logger.warning("sop %s: not of the study the request names", label)
-            return refused(
-                STATUS_DATASET_MISMATCH, "Study Instance UID differs from the request's", **uids
-            )
-
-        try:
-            path, size, digest = self._spool(
-                source, instance_study, series_uid, header.sop_instance_uid, prefix=prefix
-            )
-        except OSError as exc:
-            logger.error("sop %s: spool write failed: %s", header.sop_instance_uid, exc)
-            return refused(STATUS_OUT_OF_RESOURCES, "spool write failed", **uids)
-
-        try:
-            result = self.store.record_instance(
-                ReceivedInstance(
-                    study_instance_uid=instance_study,
-                    series_instance_uid=series_uid,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    path=path,
-                    size=size,
-                    sha256=digest,
-                    calling_ae=caller,
-                    header=header.to_json(),
-                    expected_count=header.images_in_acquisition,
-                )
-            )
-        except SQLAlchemyError as exc:
-            # The file stays in the spool; the sender retries and the record is made then.
-            logger.error("sop %s: job store unavailable: %s", header.sop_instance_uid, exc)
-            return refused(STATUS_OUT_OF_RESOURCES, "job store unavailable", **uids)
-        duplicate = result.outcome is RecordOutcome.DUPLICATE
-        if duplicate:
-            logger.debug("sop %s: duplicate, already stored", header.sop_instance_uid)
-        if self.metrics is not None:
-            self.metrics.instances_received.inc()
-            self.metrics.bytes_received.inc(size)
-        series = SeriesRef(
-            series_id=result.series_id,
-            version=result.version,
-            job_id=result.job_id,
-            study_instance_uid=instance_study,
-            series_instance_uid=series_uid,
-            calling_ae=caller,
-        )
-        if self.listener is not None:
-            self.listener.instance_received(connection, series)
-        return StoreResult(
-            status=STATUS_SUCCESS,
-            reason="",
-            sop_class_uid=header.sop_class_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            series=series,
-            duplicate=duplicate,
-        )
 
     def connection_ended(self, connection: int, *, released: bool) -> None:
         """A non-DIMSE connection (a STOW-RS request) that stored instances ended.
@@ -709,42 +407,8 @@ class Receiver:
         if self.listener is not None:
             self.listener.association_ended(connection, released=released)
 
-    def _spool(
-        self, source: Path, study_uid: str, series_uid: str, sop_uid: str, *, prefix: bytes = b""
-    ) -> tuple[Path, int, str]:
-        """Copy `source` into the spool atomically; return the path, size and SHA-256.
-
-        The name carries the start of the content hash, so a changed resend never
-        overwrites a file an earlier series version (maybe being analysed) points at.
-        """
-        directory = self.spool_dir / study_uid / series_uid
-        created = not directory.is_dir()
-        if created:
-            directory.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{sop_uid}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                if prefix:
-                    digest.update(prefix)
-                    out.write(prefix)
-                    size += len(prefix)
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            hexdigest = digest.hexdigest()
-            final = directory / f"{sop_uid}.{hexdigest[:16]}.dcm"
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
-        if created:  # make the new folders themselves durable too
-            _fsync_dir(directory.parent)
-            _fsync_dir(directory.parent.parent)
-        return final, size, hexdigest
+    def _on_store(self, event: Event) -> int:
+        status = self._handler(event)
+        if status != STATUS_SUCCESS and self.metrics is not None:
+            self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
+        return status

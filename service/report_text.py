@@ -25,13 +25,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from model.phantom.reports import NO_ABNORMALITY, location_phrase, read_mentions
+from service.findings import FindingResult
 from service.lung_field import LOBE_NAMES, Side, lobe_side
-
-if TYPE_CHECKING:
-    from service.postprocess import FindingResult
 
 _LOBE = r"(?:right|left) (?:upper|middle|lower) lobe"
 #: Location phrases the report vocabulary uses (see model.phantom.reports.location_phrase).

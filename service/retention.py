@@ -1,6 +1,7 @@
 """The retention cleaner: received instances leave the spool after their study's jobs ended.
 
-Policy (``retention`` in ``config.yaml``, DESIGN.md §7):
+Policy (``retention`` in ``config.yaml``; a file a running job may still read is never
+removed):
 
 - a study whose jobs have all ended (``DONE``, ``REJECTED`` or ``FAILED``) loses its files
   ``keep_done_hours`` after the last of them ended, ``keep_failed_hours`` if one FAILED;
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from service.config import RetentionSettings
+from service.periodic import PeriodicThread
 from service.store import JobStore, StudyRetention
 
 __all__ = ["CleanReport", "RetentionCleaner"]
@@ -67,8 +68,9 @@ class RetentionCleaner:
         self.store = store
         self.spool_dir = Path(spool_dir)
         self.settings = settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = PeriodicThread(
+            "unict-retention", self.run_once, lambda: self.settings.interval_s
+        )
 
     # ------------------------------------------------------------ one pass
 
@@ -188,29 +190,17 @@ class RetentionCleaner:
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
-        """Run :meth:`run_once` every ``interval_s`` in a background thread."""
-        if self._thread is not None:
-            raise RuntimeError("the retention cleaner is already running")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="unict-retention", daemon=True)
+        """Run :meth:`run_once` every ``interval_s`` in a background thread.
+
+        A failed pass loses nothing (the files stay); the next pass tries again.
+        """
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the background thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._thread.stop(timeout)
 
     @property
     def is_alive(self) -> bool:
         """Whether the background thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.interval_s):
-            try:
-                self.run_once()
-            except Exception:
-                # Nothing is lost by a failed pass (files stay); the next pass tries again.
-                logger.exception("retention pass failed; retrying in the next pass")
+        return self._thread.is_alive

@@ -4,7 +4,10 @@ A ``type: dicomweb`` destination gets them by STOW-RS (:mod:`service.dicomweb.cl
 instead, with the same attempts, backoff and per-instance results; an HTTP failure with no
 response (connection refused, timeout, 5xx) counts as no status, and is retried.
 
-Each instance's DIMSE status is checked. Transient failures (association refused or
+Each instance's DIMSE status is checked, its category (success, warning, failure) as
+pynetdicom's :func:`~pynetdicom.status.code_to_category` decides it (PS3.7 Annex C and
+PS3.4 Annex B: ``0x0001``, ``0x0107``, ``0x0116`` and every ``0xBxxx`` are warnings: the
+instance was stored). Transient failures (association refused or
 dropped, no response, ``0xA7xx`` out of resources) are retried with exponential backoff,
 re-sending only what did not succeed, up to ``sender.max_attempts``; permanent ones
 (``0xA9xx`` mismatch, ``0xCxxx`` cannot understand, ``0x0122`` not supported ...) are not.
@@ -26,23 +29,31 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from service.config import Destination, DicomwebDestination, SenderSettings
 from service.errors import SendError
 
-__all__ = ["Output", "SendFailure", "SendResult", "Sender", "is_retryable_status"]
+__all__ = ["Output", "SendFailure", "SendResult", "Sender", "is_retryable_status", "is_stored"]
 
 logger = logging.getLogger(__name__)
 
 Output = Dataset | Path
 """What the pipeline hands over: a dataset in memory or a DICOM file."""
 
-_WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+def is_stored(status: int) -> bool:
+    """Whether a C-STORE status means the instance was stored (success or a warning)."""
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def is_retryable_status(status: int) -> bool:
     """Whether a failed C-STORE status may succeed later (``0xA7xx`` out of resources)."""
     return 0xA700 <= status <= 0xA7FF
+
+
+def _comment(comment: object) -> str:
+    return f": {comment}" if comment else ""
 
 
 @dataclass(frozen=True)
@@ -283,8 +294,15 @@ class Sender:
                 status = getattr(status_ds, "Status", None) if status_ds else None
                 if status is None:
                     out.append(result(item, False, None, "no response (timeout or abort)"))
-                elif status == 0x0000 or status in _WARNING_STATUSES:
-                    out.append(result(item, True, int(status), "stored"))
+                elif status == 0x0000:
+                    out.append(result(item, True, 0, "stored"))
+                elif is_stored(int(status)):
+                    comment = status_ds.get("ErrorComment", "")
+                    detail = f"stored, warning 0x{int(status):04X}"
+                    out.append(result(item, True, int(status), detail + _comment(comment)))
+                    logger.info(
+                        "send %s to %s: %s", item.sop_instance_uid, destination.name, detail
+                    )
                 else:
                     comment = status_ds.get("ErrorComment", "")
                     out.append(
@@ -292,7 +310,7 @@ class Sender:
                             item,
                             False,
                             int(status),
-                            f"status 0x{int(status):04X}{': ' + str(comment) if comment else ''}",
+                            f"status 0x{int(status):04X}{_comment(comment)}",
                         )
                     )
                     logger.warning(

@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from service.errors import SeriesGeometryError, Stage, StageError
+from service.errors import SeriesGeometryError, StageError
+from service.stages import Stage
 
 logger = logging.getLogger(__name__)
 

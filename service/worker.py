@@ -25,10 +25,11 @@ from types import TracebackType
 from typing import Any
 
 from service.config import WorkersSettings
-from service.errors import LeaseLost, Stage, StageError
+from service.errors import LeaseLost, StageError
 from service.metrics import NodeMetrics
 from service.selection import InstanceHeader
 from service.sender import Output, SendFailure, SendResult
+from service.stages import Stage
 from service.store import InstanceRecord, JobRecord, JobState, JobStore
 
 __all__ = [
@@ -246,7 +247,7 @@ class Workers:
             return self.store.fail(
                 job.job_id,
                 worker_id,
-                stage=exc.stage.value,
+                stage=exc.stage,
                 reason=exc.reason,
                 retryable=exc.retryable,
                 timings={"process_total": time.perf_counter() - started},
@@ -277,7 +278,7 @@ class Workers:
             return self.store.fail(
                 job.job_id,
                 worker_id,
-                stage=Stage.SEND.value,
+                stage=Stage.SEND,
                 reason=f"superseded by job {record.superseded_by} (newer series version) "
                 "before sending; outputs not sent",
                 retryable=False,
@@ -301,7 +302,7 @@ class Workers:
             return self.store.fail(
                 job.job_id,
                 worker_id,
-                stage=exc.stage.value,
+                stage=exc.stage,
                 reason=exc.reason,
                 retryable=exc.retryable,
                 timings=send_timing,

@@ -2,7 +2,7 @@
 
 Orthanc 1.10 binds every interface (it has no bind-address option), so the configuration
 keeps ``RemoteAccessAllowed`` false and authentication on, and tests only ever talk to
-127.0.0.1 (TOOLCHAIN.md). Readiness is polled over REST; stopping sends SIGTERM and waits
+127.0.0.1. Readiness is polled over REST; stopping sends SIGTERM and waits
 for the process, which takes a few seconds, before ports or storage are reused.
 """
 

@@ -11,6 +11,7 @@ from model.labels import LABEL_KEYS
 from model.phantom.anatomy import Anatomy, sample_anatomy
 from model.phantom.findings import Lesion, sample_lesions
 from model.phantom.grid import Grid
+from model.phantom.realism import Realism, adjust_nodules, sample_realism
 
 #: Probability that each abnormality is chosen in a non-normal case.
 FINDING_PROBABILITY = 0.38
@@ -33,6 +34,9 @@ class CaseSpec:
         ``1 / sqrt(voxel volume)``.
     noise_seed
         Seed of the noise realisation.
+    realism
+        Generator 2's scanner and patient choices (:mod:`model.phantom.realism`);
+        ``None`` for generator 1.
     """
 
     seed: int
@@ -40,6 +44,12 @@ class CaseSpec:
     lesions: tuple[Lesion, ...]
     noise_sigma_ref: float
     noise_seed: int
+    realism: Realism | None = None
+
+    @property
+    def generator(self) -> int:
+        """1 (the original generator) or 2 (:mod:`model.phantom.realism`)."""
+        return 1 if self.realism is None else 2
 
     @property
     def present(self) -> npt.NDArray[np.bool_]:
@@ -84,7 +94,9 @@ class Phantom:
         return self.grid.affine_lps
 
 
-def sample_case(seed: int, *, p_normal: float = 0.15, max_findings: int = 5) -> CaseSpec:
+def sample_case(
+    seed: int, *, p_normal: float = 0.15, max_findings: int = 5, generator: int = 1
+) -> CaseSpec:
     """Draw a case: anatomy, which abnormalities are present, their lesions, the noise level.
 
     Parameters
@@ -95,7 +107,13 @@ def sample_case(seed: int, *, p_normal: float = 0.15, max_findings: int = 5) -> 
         Probability of a case with no abnormality.
     max_findings
         Largest number of distinct abnormalities in one case.
+    generator
+        1: the original generator; 2: the same anatomy and findings with the scanner and
+        patient realism of :mod:`model.phantom.realism` (some nodules moved to the pleura
+        or a vessel, some subsolid).
     """
+    if generator not in (1, 2):
+        raise ValueError(f"generator must be 1 or 2, got {generator!r}")
     rng = np.random.default_rng([seed, 0x50A7])
     anatomy = sample_anatomy(rng)
     labels: tuple[str, ...] = ()
@@ -108,10 +126,21 @@ def sample_case(seed: int, *, p_normal: float = 0.15, max_findings: int = 5) -> 
             chosen = [chosen[i] for i in sorted(keep)]
         labels = tuple(chosen)
     lesions = sample_lesions(anatomy, rng, labels)
-    return CaseSpec(
+    spec = CaseSpec(
         seed=seed,
         anatomy=anatomy,
         lesions=lesions,
         noise_sigma_ref=float(rng.uniform(25.0, 45.0)),
         noise_seed=int(rng.integers(0, 2**31 - 1)),
+    )
+    if generator == 1:
+        return spec
+    realism = sample_realism(seed)
+    return CaseSpec(
+        seed=spec.seed,
+        anatomy=anatomy,
+        lesions=adjust_nodules(anatomy, lesions, realism),
+        noise_sigma_ref=spec.noise_sigma_ref,
+        noise_seed=spec.noise_seed,
+        realism=realism,
     )

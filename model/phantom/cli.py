@@ -42,6 +42,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="training: coarse and fast; realistic: 512 x 512, thin slices (default: training)",
     )
     parser.add_argument(
+        "--generator",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="phantom generator: 1 (original) or 2 (scanner realism: kernels, partial volume, "
+        "vessels, fissures, mediastinum) (default: 1)",
+    )
+    parser.add_argument(
         "--p-normal",
         type=float,
         default=0.15,
@@ -59,7 +67,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _phantoms(args: argparse.Namespace) -> Iterator[Phantom]:
     for i in range(args.cases):
-        yield generate(args.seed + i, args.grid, p_normal=args.p_normal)
+        yield generate(
+            args.seed + i,
+            args.grid,
+            p_normal=args.p_normal,
+            generator=getattr(args, "generator", 1),
+        )
 
 
 def run_generate(args: argparse.Namespace) -> int:

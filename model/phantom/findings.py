@@ -69,6 +69,9 @@ class Lesion:
         ``(envelope radius, wall or lumen radius, wall)`` for airway findings.
     seed
         Seed of the lesion's fine structure.
+    kind
+        Generator 2's variants of a nodule, space-separated: ``juxtapleural``,
+        ``juxtavascular``, ``subsolid`` (empty: a solid nodule where it was drawn).
     """
 
     label: str
@@ -77,6 +80,7 @@ class Lesion:
     location: str
     extent_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     seed: int = 0
+    kind: str = ""
 
     @property
     def side(self) -> int:

@@ -45,6 +45,20 @@ from model.phantom.raster import (
     tube,
     tube_distance,
 )
+from model.phantom.realism import (
+    Realism,
+    fine_grid,
+    fissure_coverage,
+    integrate_slabs,
+    kernel_filter,
+    lung_boxes,
+    lung_texture,
+    lymph_nodes,
+    oesophagus,
+    peripheral_vessels,
+    sharpen_slice,
+    svc,
+)
 from model.phantom.reports import compose_report
 
 AIR_HU = -1024.0
@@ -68,6 +82,7 @@ class _Canvas:
 
     def __init__(self, spec: CaseSpec, grid: Grid) -> None:
         self.spec = spec
+        self.realism: Realism | None = spec.realism
         self.anat = spec.anatomy
         self.grid = grid
         self.hu = np.empty(grid.shape, dtype=np.float32)
@@ -298,6 +313,64 @@ def _paint_fluid(c: _Canvas, lesions: list[Lesion]) -> bool:
     return filled
 
 
+# ---------------------------------------------------------------------------- generator 2
+def _paint_parenchyma(c: _Canvas, r: Realism) -> None:
+    """Density shift, dependent gradient and texture of the aerated lung."""
+    for side, blk in lung_boxes(c.anat, c.grid):
+        lung = c.lung[blk.index]
+        if not lung.any():
+            continue
+        (_, _), (y0, y1), (_, _) = lung_bbox(c.anat, side)
+        dep = np.clip((blk.y - y0) / (y1 - y0), 0.0, 1.0) ** 2 * np.float32(r.lung_gradient_hu)
+        add = np.float32(r.lung_shift_hu) + dep + lung_texture(r.seed + side, blk, r)
+        view = c.hu[blk.index]
+        view += np.where(lung, add, np.float32(0.0))
+
+
+def _paint_fissures(c: _Canvas, r: Realism) -> None:
+    for side, blk in lung_boxes(c.anat, c.grid):
+        lung = c.lung[blk.index]
+        if lung.any():
+            cov = fissure_coverage(c.anat, side, blk, r, c.soft) * lung
+            c.blend(blk, cov, r.fissure_hu)
+
+
+def _paint_mediastinum(c: _Canvas, r: Realism) -> None:
+    """Oesophagus (air in its lumen or collapsed) and superior vena cava."""
+    for seg in oesophagus(c.anat, r):
+        got = _paint_tube(c, seg, 35.0, 0.0, "cavity")
+        if got is not None:
+            blk, cov = got
+            c.lung[blk.index] &= cov < 0.5
+        lumen = Segment(seg.p0, seg.p1, 0.4 * seg.r0, 0.4 * seg.r1, 0, -1)
+        _paint_tube(c, lumen, -1000.0 if r.oesophagus_air else 15.0, 0.0, "cavity")
+    for seg in svc(c.anat, r):
+        got = _paint_tube(c, seg, c.anat.blood_hu, 0.0, "cavity")
+        if got is not None:
+            blk, cov = got
+            c.lung[blk.index] &= cov < 0.5
+
+
+def _paint_peripheral_vessels(c: _Canvas, r: Realism) -> None:
+    value = 0.8 * c.anat.blood_hu if c.anat.contrast else c.anat.blood_hu
+    for seg in peripheral_vessels(c.anat, r.vessel_generations):
+        if max(seg.r0, seg.r1) < 0.2 * c.pixel:
+            continue
+        _paint_tube(c, seg, value, 0.0, "lung")
+
+
+def _paint_nodes(c: _Canvas, r: Realism) -> None:
+    """Mediastinal and hilar lymph nodes: soft tissue beside the lung, not a finding."""
+    for blob in lymph_nodes(c.anat, r):
+        got = blob.coverage(c.grid, c.soft)
+        if got is None:
+            continue
+        blk, cov = got
+        cov = cov * c.cavity2d[blk.index[1], blk.index[2]][None]
+        c.blend(blk, cov, 38.0)
+        c.lung[blk.index] &= cov < 0.5
+
+
 # ---------------------------------------------------------------------------- findings
 def _airway_children(segs: tuple[Segment, ...], parent: Segment) -> list[Segment]:
     out = [parent]
@@ -331,7 +404,16 @@ def _render_lesion(c: _Canvas, les: Lesion) -> list[tuple[Block, Array]]:
         if got:
             blk, cov = got
             cov, mask = _clip(c, blk, cov)
-            c.blend(blk, cov, float(rng.uniform(0.0, 60.0)))
+            solid_hu = float(rng.uniform(0.0, 60.0))
+            if "subsolid" in les.kind:
+                # Ground-glass or part-solid: hazy, below soft tissue, with texture.
+                sub = np.random.default_rng([les.seed, 5])
+                haze = np.float32(sub.uniform(-680.0, -320.0))
+                value_field = haze + smooth_field(les.seed, blk, 2.5) * np.float32(60.0)
+                view = c.hu[blk.index]
+                view += cov * np.maximum(value_field - view, 0.0)
+            else:
+                c.blend(blk, cov, solid_hu)
             pieces.append((blk, mask))
     elif label == "ground_glass_opacity":
         got = _lesion_blob(les, rng, 0.3).coverage(c.grid, max(c.soft, 4.0))
@@ -612,17 +694,27 @@ def _finish(c: _Canvas, body2d: npt.NDArray[np.bool_]) -> npt.NDArray[np.int16]:
     return out
 
 
-def _render(spec: CaseSpec, grid: Grid) -> tuple[Phantom, Regions]:
-    c = _Canvas(spec, grid)
+def _paint(c: _Canvas) -> npt.NDArray[np.bool_]:
+    """Paint anatomy and findings on the canvas; returns the body section."""
+    spec, grid, r = c.spec, c.grid, c.realism
     body2d = _paint_body(c)
     _paint_spine(c)
     _paint_ribs(c)
     _paint_sternum(c)
     _paint_heart(c)
     _paint_lungs(c)
+    if r is not None:
+        _paint_parenchyma(c, r)
+        _paint_fissures(c, r)
     _paint_aorta(c)
+    if r is not None:
+        _paint_mediastinum(c, r)
     _paint_vessels(c)
+    if r is not None:
+        _paint_peripheral_vessels(c, r)
     _paint_airways(c)
+    if r is not None:
+        _paint_nodes(c, r)
     by_label: dict[str, list[Lesion]] = {}
     for les in spec.lesions:
         by_label.setdefault(les.label, []).append(les)
@@ -644,6 +736,14 @@ def _render(spec: CaseSpec, grid: Grid) -> tuple[Phantom, Regions]:
                     hit = True
             if not hit:
                 c.masks[k][grid.nearest_index(les.center_lps)] = 1
+    return body2d
+
+
+def _render(spec: CaseSpec, grid: Grid) -> tuple[Phantom, Regions]:
+    if spec.realism is not None:
+        return _render_v2(spec, grid, spec.realism)
+    c = _Canvas(spec, grid)
+    body2d = _paint(c)
     hu = _finish(c, body2d)
     # Every lesion leaves at least one mask voxel, so presence follows from the lesions
     # (no scan of the full masks needed).
@@ -659,6 +759,64 @@ def _render(spec: CaseSpec, grid: Grid) -> tuple[Phantom, Regions]:
         report=compose_report(spec.lesions, report_rng),
     )
     return phantom, Regions(body=body2d, lungs=c.lung, pleura=c.pleura)
+
+
+def _render_v2(spec: CaseSpec, grid: Grid, r: Realism) -> tuple[Phantom, Regions]:
+    """Generator 2: rasterise on sub-slices, integrate each slice's slab, then the
+    kernel's noise, edge overshoot and the vendor's calibration."""
+    fine, k = fine_grid(grid)
+    c = _Canvas(spec, fine)
+    body2d = _paint(c)
+    hu = integrate_slabs(c.hu, grid, k)
+    masks = np.zeros((len(LABEL_KEYS), *grid.shape), dtype=np.uint8)
+    for i in range(len(LABEL_KEYS)):
+        if c.masks[i].any():
+            masks[i] = integrate_slabs(c.masks[i].astype(np.float32), grid, k) >= 0.5
+    for les in spec.lesions:  # every lesion keeps at least one voxel, as in generator 1
+        i = LABEL_KEYS.index(les.label)
+        if not masks[i].any():
+            masks[i][grid.nearest_index(les.center_lps)] = 1
+    lungs = integrate_slabs(c.lung.astype(np.float32), grid, k) >= 0.5
+    pleura = integrate_slabs(c.pleura.astype(np.float32), grid, k) >= 0.5
+    del c
+    out = _finish_v2(hu, grid, spec, r, body2d)
+    report_rng = np.random.default_rng([spec.seed, 0x2E90])
+    phantom = Phantom(
+        spec=spec,
+        grid=grid,
+        hu=out,
+        masks=masks,
+        present=spec.present,
+        lesions=spec.lesions,
+        report=compose_report(spec.lesions, report_rng),
+    )
+    return phantom, Regions(body=body2d, lungs=lungs, pleura=pleura)
+
+
+def _finish_v2(
+    hu: Array, grid: Grid, spec: CaseSpec, r: Realism, body2d: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.int16]:
+    pixel = float(min(grid.pixel_spacing))
+    sigma = np.float32(r.noise_factor * spec.noise_sigma_ref / math.sqrt(grid.voxel_volume))
+    bank = _NoiseBank(np.random.default_rng(spec.noise_seed), (grid.shape[1], grid.shape[2]))
+    bank.bank = kernel_filter(r, pixel)(bank.bank)
+    out = np.empty(grid.shape, dtype=np.int16)
+    keep = body2d.astype(np.float32)
+    air = np.float32(AIR_HU) * (1.0 - keep)
+    noise = np.empty(grid.shape[1:], dtype=np.float32)
+    for i in range(grid.shape[0]):
+        acc = hu[i]
+        sharpen_slice(acc, r, pixel)
+        bank.draw(noise)
+        acc += noise * sigma
+        acc *= np.float32(r.hu_gain)
+        acc += np.float32(r.hu_offset)
+        acc *= keep
+        acc += air
+        np.clip(acc, -1024.0, 3071.0, out=acc)
+        np.rint(acc, out=acc)
+        out[i] = acc
+    return out
 
 
 def render(spec: CaseSpec, grid: Grid) -> Phantom:

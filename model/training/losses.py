@@ -73,14 +73,32 @@ def multitask_loss(
     tokens: Tensor,
     pad_id: int,
     weights: LossWeights,
+    known: Tensor | None = None,
+    has_masks: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The weighted sum and its parts (for logging)."""
+    """The weighted sum and its parts (for logging).
+
+    ``known`` ``(B, L)`` marks the labels a case's source asserts (CT-RATE leaves some
+    unknown): the classification BCE averages over those only. ``has_masks`` ``(B,)``
+    marks the cases with segmentation masks (CT-RATE has none): the segmentation terms
+    use those only, and are left out of a batch without any. ``None``: all known.
+    """
     parts: dict[str, Tensor] = {}
     total = cls_logits.sum() * 0.0
     if weights.classification:
-        parts["cls"] = F.binary_cross_entropy_with_logits(cls_logits.float(), present)
+        if known is None:
+            parts["cls"] = F.binary_cross_entropy_with_logits(cls_logits.float(), present)
+        else:
+            per_label = F.binary_cross_entropy_with_logits(
+                cls_logits.float(), present, reduction="none"
+            )
+            parts["cls"] = (per_label * known).sum() / known.sum().clamp(min=1.0)
         total = total + weights.classification * parts["cls"]
-    if weights.segmentation:
+    if has_masks is not None and weights.segmentation:
+        keep = has_masks > 0.5
+        if not bool(keep.all()):
+            seg_logits, masks = seg_logits[keep], masks[keep]
+    if weights.segmentation and seg_logits.shape[0] > 0:
         class_weights = (
             torch.tensor(weights.seg_class_weights, device=seg_logits.device)
             if weights.seg_class_weights
@@ -94,7 +112,7 @@ def multitask_loss(
         )
         parts["seg_dice"] = soft_dice_loss(seg_logits, masks, class_weights=class_weights)
         total = total + weights.segmentation * (parts["seg_bce"] + parts["seg_dice"])
-    if weights.report and rep_logits is not None:
+    if weights.report and rep_logits is not None and bool((tokens[:, 1:] != pad_id).any()):
         parts["rep"] = report_loss(rep_logits, tokens, pad_id)
         total = total + weights.report * parts["rep"]
     return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,4 +1,13 @@
-"""``unict-node train``: train UniCT on generated phantoms, resumable, and export a bundle.
+"""``unict-node train``: train UniCT on phantoms or real datasets, resumable, and export a bundle.
+
+Without ``--data`` the cases are generated phantoms (``--train-seeds``, ``--val-seeds``).
+With ``--data rexgroundingct:DIR`` and/or ``--data ctrate:DIR`` they are the datasets'
+scans, split by patient as in the paper (5 folds of 70/15/15, ``--fold``; the split is
+written to ``RUN_DIR/split.json`` and into the exported bundle): training on the fold's
+training part, thresholds tuned on its validation part, its test part left to
+``unict-node evaluate --data``. ``--phantom-ratio R`` mixes phantoms into the real
+training cases (a share ``R`` of the samples drawn). Labels a source does not assert
+(CT-RATE) and masks it lacks are left out of the losses, not taken as absent.
 
 The run directory holds ``last.pt`` (model, optimiser, schedule, step, RNG states) written
 every ``--checkpoint-every`` steps, so ``--resume`` continues where a run stopped. At the
@@ -23,18 +32,28 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from model.bundle import CARD_FILE, sha256_of
 from model.card import ModelCard, default_labels
-from model.config import UniCTConfig, get_config
+from model.config import CONFIGS, UniCTConfig, get_config
+from model.datasets.splits import FOLDS, SPLIT_FILE
 from model.labels import LABEL_KEYS
 from model.network import UniCT
 from model.tokenizer import Tokenizer
-from model.training.data import CaseDataset, build_cache
+from model.training.data import GENERATOR_CHOICES, CaseDataset, build_cache
 from model.training.losses import LossWeights, multitask_loss
 from model.training.metrics import auroc, dice, f1_score
+from model.training.real_data import (
+    TRAINABLE_KINDS,
+    DataSpec,
+    build_real_cache,
+    fold_splits,
+    load_splits,
+    parse_data_spec,
+    save_splits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +95,32 @@ def parse_class_weights(text: str) -> tuple[float, ...]:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``unict-node train``."""
     parser.add_argument(
-        "--config", default="small", choices=["small", "full"], help="model configuration"
+        "--config",
+        default="small",
+        choices=list(CONFIGS),
+        help="model configuration (tiny: smoke runs and CI only)",
+    )
+    parser.add_argument(
+        "--data",
+        type=parse_data_spec,
+        action="append",
+        default=[],
+        metavar="KIND:DIR",
+        help="train on a real dataset instead of phantoms: rexgroundingct:DIR or ctrate:DIR "
+        "(repeatable, each kind once); split by patient, 5 folds of 70/15/15",
+    )
+    parser.add_argument(
+        "--fold", type=int, default=0, help="with --data: the fold (0-4) to train on"
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="with --data: seed of the patient shuffle"
+    )
+    parser.add_argument(
+        "--phantom-ratio",
+        type=float,
+        default=0.0,
+        help="with --data: share of training samples drawn from phantoms (--train-seeds); "
+        "0: real data only",
     )
     parser.add_argument(
         "--run-dir", type=Path, default=Path("runs/small"), help="checkpoints and logs"
@@ -89,6 +133,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_seed_range,
         default=parse_seed_range("0:600"),
         help="START:COUNT",
+    )
+    parser.add_argument(
+        "--generator",
+        choices=GENERATOR_CHOICES,
+        default="1",
+        help="phantom generator: 1 (original), 2 (scanner realism: kernels, partial volume, "
+        "vessels, fissures, mediastinum; model.phantom.realism) or mix (even seeds 2, odd 1); "
+        "validation phantoms use the same choice",
     )
     parser.add_argument(
         "--val-seeds",
@@ -223,16 +275,21 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def tune_thresholds(
-    probs: np.ndarray[Any, Any], present: np.ndarray[Any, Any]
+    probs: np.ndarray[Any, Any],
+    present: np.ndarray[Any, Any],
+    known: np.ndarray[Any, Any] | None = None,
 ) -> tuple[float, ...]:
-    """Per-class threshold maximising F1 on validation (0.5 for a class without positives)."""
+    """Per-class threshold maximising F1 on validation (0.5 for a class without positives),
+    over the cases whose source asserts the class (``known``; all when ``None``)."""
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     out = []
     for c in range(probs.shape[1]):
-        if not present[:, c].any():
+        rows = slice(None) if known is None else known[:, c].astype(bool)
+        truth, scores_c = present[rows, c], probs[rows, c]
+        if not truth.any():
             out.append(0.5)
             continue
-        scores = [f1_score(present[:, c], probs[:, c] >= t) for t in grid]
+        scores = [f1_score(truth, scores_c >= t) for t in grid]
         best = max(scores)
         # Among equally good thresholds take the middle one: less brittle than the first.
         ties = [t for t, s in zip(grid, scores, strict=True) if s >= best - 1e-9]
@@ -257,6 +314,8 @@ def tune_mask_thresholds(model: UniCT, dataset: CaseDataset) -> tuple[float, ...
     scores: list[list[list[float]]] = [[] for _ in range(model.cfg.num_labels)]
     for i in range(len(dataset)):
         item = dataset[i]
+        if "has_masks" in item and float(item["has_masks"]) < 0.5:
+            continue  # a real case without masks (CT-RATE)
         prob = torch.sigmoid(model(item["image"][None]).seg_logits[0].float()).numpy()
         masks = item["masks"].numpy() > 0.5
         for c in np.flatnonzero(item["present"].numpy() > 0.5):
@@ -273,6 +332,48 @@ def tune_mask_thresholds(model: UniCT, dataset: CaseDataset) -> tuple[float, ...
     return tuple(out)
 
 
+def _real_cases(
+    args: argparse.Namespace, cfg: UniCTConfig, run_dir: Path, cache: Path
+) -> tuple[list[Path], list[Path]]:
+    """Training and validation cases of the fold of every ``--data`` dataset; the split is
+    written beside the run (and read back from there on ``--resume``)."""
+    specs: list[DataSpec] = list(args.data)
+    for spec in specs:
+        if spec.kind not in TRAINABLE_KINDS:
+            raise ValueError(
+                f"--data {spec}: {spec.kind} is an external test set (labels only); "
+                f"train on {' or '.join(TRAINABLE_KINDS)} and evaluate on it"
+            )
+    split_path = run_dir / SPLIT_FILE
+    if args.resume and split_path.exists():
+        saved = load_splits(split_path)
+        if set(saved) != {s.kind for s in specs} or any(
+            sp.fold != args.fold for sp in saved.values()
+        ):
+            raise ValueError(
+                f"{split_path} is fold {next(iter(saved.values())).fold} of "
+                f"{', '.join(sorted(saved))}; --resume needs the same --data and --fold"
+            )
+        splits = [(spec, saved[spec.kind]) for spec in specs]
+    else:
+        splits = fold_splits(specs, args.fold, folds=FOLDS, seed=args.split_seed)
+        save_splits(split_path, args.fold, splits)
+    train_paths: list[Path] = []
+    val_paths: list[Path] = []
+    for spec, split in splits:
+        logger.info(
+            "%s fold %d: %d training, %d validation, %d test scans",
+            spec,
+            split.fold,
+            len(split.train),
+            len(split.val),
+            len(split.test),
+        )
+        train_paths += build_real_cache(spec, split.train, cfg.preprocess, cache)
+        val_paths += build_real_cache(spec, split.val, cfg.preprocess, cache)
+    return train_paths, val_paths
+
+
 def train(args: argparse.Namespace) -> TrainResult:
     """Run (or resume) a training run as described by parsed ``train`` arguments."""
     cfg = config_from_args(args)
@@ -283,23 +384,43 @@ def train(args: argparse.Namespace) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     cache = args.cache_dir / cfg.name
     progress = not args.no_progress and sys.stderr.isatty()
+    data: list[DataSpec] = list(getattr(args, "data", []) or [])
+    ratio = float(getattr(args, "phantom_ratio", 0.0) or 0.0)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--phantom-ratio must be in [0, 1), got {ratio}")
 
-    logger.info(
-        "generating %d training and %d validation cases in %s",
-        len(args.train_seeds),
-        len(args.val_seeds),
-        cache,
-    )
     started = time.perf_counter()
-    train_paths = list(
-        tqdm(
-            build_cache(args.train_seeds, cfg.preprocess, cache, workers=args.workers),
-            total=len(args.train_seeds),
-            desc="phantoms",
-            disable=not progress,
+    real_train: list[Path] = []
+    phantom_train: list[Path] = []
+    if data:
+        real_train, val_paths = _real_cases(args, cfg, run_dir, cache)
+    if not data or ratio > 0:
+        logger.info("generating %d training phantoms in %s", len(args.train_seeds), cache)
+        phantom_train = list(
+            tqdm(
+                build_cache(
+                    args.train_seeds,
+                    cfg.preprocess,
+                    cache,
+                    workers=args.workers,
+                    generator=getattr(args, "generator", "1"),
+                ),
+                total=len(args.train_seeds),
+                desc="phantoms",
+                disable=not progress,
+            )
         )
-    )
-    val_paths = list(build_cache(args.val_seeds, cfg.preprocess, cache, workers=args.workers))
+    if not data:
+        val_paths = list(
+            build_cache(
+                args.val_seeds,
+                cfg.preprocess,
+                cache,
+                workers=args.workers,
+                generator=getattr(args, "generator", "1"),
+            )
+        )
+    train_paths = real_train + phantom_train
     logger.info("cases ready in %.0f s", time.perf_counter() - started)
 
     tokenizer_path = run_dir / "tokenizer.json"
@@ -313,6 +434,12 @@ def train(args: argparse.Namespace) -> TrainResult:
         tokenizer.save(tokenizer_path)
     train_set = CaseDataset(train_paths, tokenizer, cfg.max_report_tokens, augment=True)
     val_set = CaseDataset(val_paths, tokenizer, cfg.max_report_tokens)
+    sample_weights = None
+    if real_train and phantom_train:
+        # A share `ratio` of the samples drawn are phantoms, whatever the two counts.
+        sample_weights = [(1.0 - ratio) / len(real_train)] * len(real_train) + [
+            ratio / len(phantom_train)
+        ] * len(phantom_train)
 
     model = UniCT(cfg, len(tokenizer))
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -356,16 +483,27 @@ def train(args: argparse.Namespace) -> TrainResult:
         logger.info("resumed %s at step %d", last, step)
 
     generator = torch.Generator().manual_seed(args.seed + step)
-    loader = DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator
-    )
+    loader: DataLoader[dict[str, torch.Tensor]]
+    if sample_weights is not None:
+        sampler = WeightedRandomSampler(
+            sample_weights, len(sample_weights), replacement=True, generator=generator
+        )
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    else:
+        loader = DataLoader(
+            train_set,
+            batch_size=min(args.batch_size, len(train_set)),
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+        )
     # channels_last runs the 2D convolutions of the triplet ResNet and decoder about 1.2x
     # faster on CPU (oneDNN); the weights are saved contiguous (export_bundle).
     # (4D weights only: the 3D convolutions of the triplet context keep their layout).
     for parameter in model.parameters():
         if parameter.dim() == 4:
             parameter.data = parameter.data.contiguous(memory_format=torch.channels_last)
-    sampler = np.random.default_rng(args.seed + step)
+    triplet_rng = np.random.default_rng(args.seed + step)
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="train", disable=not progress)
     running = 0.0
@@ -379,7 +517,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             masks = batch["masks"]
             triplets = None
             if args.seg_triplets and weights.segmentation:
-                triplets = sample_triplets(masks, args.seg_triplets, sampler)
+                triplets = sample_triplets(masks, args.seg_triplets, triplet_rng)
                 masks = gather_triplets(masks, triplets)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 out = model(
@@ -404,6 +542,8 @@ def train(args: argparse.Namespace) -> TrainResult:
                 batch["tokens"],
                 tokenizer.pad_id,
                 weights,
+                known=batch["known"],
+                has_masks=batch["has_masks"],
             )
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -445,7 +585,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     log.close()
     seconds = time.perf_counter() - t0
 
-    thresholds = tune_thresholds(*_predict(model, val_set))
+    thresholds = tune_thresholds(*_predict(model, val_set), known=_known(val_set))
     bundle_dir = None
     if args.export is not None:
         mask_thresholds = (
@@ -454,6 +594,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         bundle_dir = export_bundle(
             model, cfg, tokenizer, thresholds, args.export, args, mask_thresholds
         )
+        if (run_dir / SPLIT_FILE).exists():
+            (bundle_dir / SPLIT_FILE).write_bytes((run_dir / SPLIT_FILE).read_bytes())
     return TrainResult(run_dir, step, seconds, running, thresholds, bundle_dir)
 
 
@@ -467,7 +609,10 @@ def calibrate_initial_biases(model: UniCT, dataset: CaseDataset, cases: int = 4)
     thousands of steps (one learning rate per step) to remove.
     """
     present = np.stack([item["present"] for item in dataset.items]).astype(np.float64)
-    rate = np.clip(present.mean(axis=0), 0.02, 0.98)
+    known = np.stack(
+        [item.get("known", np.ones_like(item["present"])) for item in dataset.items]
+    ).astype(np.float64)
+    rate = np.clip((present * known).sum(axis=0) / np.maximum(known.sum(axis=0), 1.0), 0.02, 0.98)
     head = model.classifier.net[-1]
     assert isinstance(head, torch.nn.Linear) and head.bias is not None
     head.bias.copy_(torch.from_numpy(np.log(rate / (1 - rate))).to(head.bias.dtype))
@@ -544,7 +689,7 @@ def _predict(
         probs.append(torch.sigmoid(out.cls_logits)[0].numpy())
         truth = item["present"].numpy() > 0.5
         present.append(truth)
-        if dice_out is not None and out.seg_logits.numel():
+        if dice_out is not None and out.seg_logits.numel() and float(item["has_masks"]) > 0.5:
             masks = item["masks"].numpy() > 0.5
             pred = (out.seg_logits[0] > 0).numpy()
             for c in np.flatnonzero(truth):
@@ -553,11 +698,17 @@ def _predict(
     return np.stack(probs), np.stack(present)
 
 
+def _known(dataset: CaseDataset) -> np.ndarray[Any, Any]:
+    """``(N, L)`` which labels each case's source asserts."""
+    return np.stack([np.asarray(item["known"], dtype=bool) for item in dataset.items])
+
+
 def validation_summary(model: UniCT, dataset: CaseDataset) -> dict[str, Any]:
     """Macro AUROC, mean Dice over present findings and both per class, on ``dataset``."""
     dices: list[list[float]] = [[] for _ in range(model.cfg.num_labels)]
     probs, present = _predict(model, dataset, dices)
-    aurocs = [auroc(present[:, c], probs[:, c]) for c in range(probs.shape[1])]
+    known = _known(dataset)
+    aurocs = [auroc(present[known[:, c], c], probs[known[:, c], c]) for c in range(probs.shape[1])]
     finite = [a for a in aurocs if a == a]
     every = [d for ds in dices for d in ds]
     return {
@@ -566,6 +717,28 @@ def validation_summary(model: UniCT, dataset: CaseDataset) -> dict[str, Any]:
         "auroc": [round(a, 3) for a in aurocs],
         "dice": [round(float(np.mean(ds)), 3) if ds else None for ds in dices],
     }
+
+
+def training_data_text(args: argparse.Namespace) -> str:
+    """What the model card says the model was trained on."""
+    data: list[DataSpec] = list(getattr(args, "data", []) or [])
+    generator = str(getattr(args, "generator", "1"))
+    seeds = f"seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}" + (
+        "" if generator == "1" else f" (generator {generator})"
+    )
+    if not data:
+        return (
+            TRAINING_DATA + f" Training {seeds}, validation seeds "
+            f"{args.val_seeds.start}-{args.val_seeds.stop - 1}, {args.steps} steps."
+        )
+    ratio = float(getattr(args, "phantom_ratio", 0.0) or 0.0)
+    mixed = f", with phantoms ({seeds}) as {ratio:.0%} of the samples" if ratio else ""
+    return (
+        f"{' and '.join(spec.kind for spec in data)}: fold {args.fold} of {FOLDS} "
+        f"(patient-level 70/15/15, split seed {args.split_seed}; the split is split.json "
+        f"beside the weights){mixed}; thresholds tuned on the fold's validation part; "
+        f"{args.steps} steps."
+    )
 
 
 def export_bundle(
@@ -601,9 +774,7 @@ def export_bundle(
         version=args.version,
         config=cfg,
         labels=labels,
-        training_data=TRAINING_DATA
-        + f" Training seeds {args.train_seeds.start}-{args.train_seeds.stop - 1}, "
-        f"validation seeds {args.val_seeds.start}-{args.val_seeds.stop - 1}, {args.steps} steps.",
+        training_data=training_data_text(args),
         intended_use=INTENDED_USE,
         training_command=command.strip(),
         checkpoint_file=weights.name,

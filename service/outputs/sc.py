@@ -32,10 +32,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import DA, TM
 
 from model.card import ModelCard
+from service.findings import AnalysisResult, FindingResult
 from service.outputs.charset import output_character_set
 from service.outputs.identity import contributing_equipment
 from service.outputs.seg import segmented_findings
-from service.postprocess import AnalysisResult, FindingResult
 from service.preview import LUNG_WINDOW
 from service.volume import SourceVolume
 

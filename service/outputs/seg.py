@@ -40,9 +40,9 @@ from pydicom.valuerep import format_number_as_ds
 
 from model.card import ModelCard
 from model.labels import CodedConcept as CardConcept
+from service.findings import AnalysisResult, FindingResult
 from service.outputs.charset import output_character_set
 from service.outputs.identity import contributing_equipment
-from service.postprocess import AnalysisResult, FindingResult
 from service.volume import SourceVolume
 
 logger = logging.getLogger(__name__)

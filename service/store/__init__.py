@@ -1,11 +1,9 @@
 """The job store: series, instances and jobs in SQLite or PostgreSQL."""
 
 from service.store.migrate import run_migrations
-from service.store.repository import (
-    Clock,
+from service.store.records import (
     InstanceRecord,
     JobRecord,
-    JobStore,
     PendingSeries,
     QueuedHook,
     QueuedJob,
@@ -14,8 +12,8 @@ from service.store.repository import (
     RecordResult,
     RetryPolicy,
     StudyRetention,
-    utc_now,
 )
+from service.store.repository import Clock, JobStore, utc_now
 from service.store.states import ENDED_STATES, TRANSITIONS, JobState, check_transition
 
 __all__ = [

@@ -146,5 +146,7 @@ class Job(Base):
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    spool_removed_at: Mapped[datetime | None]
+    """When the retention cleaner removed its spooled files (``None``: still kept)."""
 
     series: Mapped[Series] = relationship(back_populates="job")

@@ -1,4 +1,4 @@
-"""Job states and the one table of allowed transitions (DESIGN.md §3).
+"""Job states and the one table of allowed transitions.
 
 ``RECEIVING -> QUEUED -> RUNNING -> SENDING -> DONE``; any active state can end in
 ``FAILED`` (with the stage and reason); ``REJECTED`` is for series the selection rules turn

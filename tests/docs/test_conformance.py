@@ -29,7 +29,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 import service.dicomweb.stow as stow_module
 from service import receiver
 from service.config import Destination as DestinationSettings
-from service.config import DicomSettings, SenderSettings, Settings
+from service.config import (
+    DicomSettings,
+    OutputsSettings,
+    ScOutputSettings,
+    SegOutputSettings,
+    SenderSettings,
+    Settings,
+)
 from service.dicomweb import stow_response
 from service.dicomweb.settings import DicomwebSettings
 from service.dicomweb.stow import StowService
@@ -129,10 +136,16 @@ def outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PipelineResul
     card = make_card()
     return {
         "BINARY": analyse_series(
-            series, FakeEngine(card), card, OutputOptions(sc_enabled=True, sc_max_images=1)
+            series,
+            FakeEngine(card),
+            card,
+            OutputOptions(OutputsSettings(sc=ScOutputSettings(enabled=True, max_images=1))),
         ),
         "LABELMAP": analyse_series(
-            series, FakeEngine(card), card, OutputOptions(segmentation_type="LABELMAP")
+            series,
+            FakeEngine(card),
+            card,
+            OutputOptions(OutputsSettings(seg=SegOutputSettings(segmentation_type="LABELMAP"))),
         ),
     }
 

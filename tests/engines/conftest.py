@@ -2,7 +2,7 @@
 
 The checkpoint is the shipped ``model/checkpoints/small`` when it exists, else a seeded
 random initialisation of the small configuration written to a temporary folder
-(:func:`engines.build.write_random_bundle`): every backend must agree on either.
+(:func:`engines.samples.write_random_bundle`): every backend must agree on either.
 Threads stay at 2: the suite shares its machine with training runs.
 """
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from engines.base import InferenceResult
-from engines.build import sample_volume, write_random_bundle
 from engines.export import ExportedModel, ensure_onnx
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.pytorch import PyTorchEngine
+from engines.samples import sample_volume, write_random_bundle
 from model.bundle import CARD_FILE, DEFAULT_CHECKPOINT_DIR, ModelBundle, load_bundle
 
 THREADS = 2

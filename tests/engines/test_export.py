@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import engines.export as export_module
-from engines.build import write_random_bundle
 from engines.export import (
     DYNAMIC_AXES,
     INPUT_NAME,
@@ -26,6 +25,7 @@ from engines.export import (
     graph_summary,
 )
 from engines.onnxruntime import OnnxRuntimeEngine
+from engines.samples import write_random_bundle
 from model.bundle import ModelBundle
 from tests.engines.conftest import THREADS
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import engines.tensorrt as trt_module
-from engines.base import Availability
+from engines.base import Availability, EngineOptions
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.pytorch import PyTorchEngine
 from engines.registry import (
@@ -75,14 +75,14 @@ def test_unknown_backend_names_the_known_ones(bundle: ModelBundle, tmp_path: Pat
     with pytest.raises(ValueError, match="known engines: tensorrt, onnxruntime, pytorch, triton"):
         availability_report(["onnxruntime", "openvino"])
     with pytest.raises(ValueError, match="'openvino'"):
-        select_engine(["pytorch", "openvino"], bundle, plan_dir=tmp_path)
+        select_engine(["pytorch", "openvino"], bundle, EngineOptions(plan_dir=tmp_path))
     with pytest.raises(ValueError, match="no inference engine configured"):
-        select_engine([], bundle, plan_dir=tmp_path)
+        select_engine([], bundle, EngineOptions(plan_dir=tmp_path))
 
 
 def test_tensorrt_is_refused_on_the_cpu(bundle: ModelBundle, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CUDA"):
-        create_engine("tensorrt", bundle, plan_dir=tmp_path, device="cpu")
+        create_engine("tensorrt", bundle, EngineOptions(plan_dir=tmp_path, device="cpu"))
 
 
 @pytest.mark.usefixtures("no_tensorrt", "exported")
@@ -90,9 +90,8 @@ def test_select_falls_back_to_onnxruntime_and_logs_why_tensorrt_was_skipped(
     bundle: ModelBundle, onnx_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="engines")
-    engine = select_engine(
-        ORDER, bundle, plan_dir=tmp_path, onnx_dir=onnx_dir, device="cpu", threads=2
-    )
+    options = EngineOptions(plan_dir=tmp_path, onnx_dir=onnx_dir, device="cpu", threads=2)
+    engine = select_engine(ORDER, bundle, options)
     assert isinstance(engine, OnnxRuntimeEngine)
     assert engine.loaded
     assert engine.providers == ["CPUExecutionProvider"]
@@ -114,9 +113,8 @@ def test_select_skips_a_backend_whose_load_fails(
         raise RuntimeError("graph file unreadable")
 
     monkeypatch.setattr(OnnxRuntimeEngine, "load", broken_load)
-    engine = select_engine(
-        ["onnxruntime", "pytorch"], bundle, plan_dir=tmp_path, device="cpu", threads=2
-    )
+    options = EngineOptions(plan_dir=tmp_path, device="cpu", threads=2)
+    engine = select_engine(["onnxruntime", "pytorch"], bundle, options)
     assert isinstance(engine, PyTorchEngine)
     assert "onnxruntime skipped: failed to load: RuntimeError: graph file unreadable" in caplog.text
 
@@ -126,4 +124,4 @@ def test_no_backend_available_says_why_for_each(bundle: ModelBundle, tmp_path: P
     with pytest.raises(
         NoEngineAvailableError, match="tensorrt: the Python package 'tensorrt' is not installed"
     ):
-        select_engine(["tensorrt"], bundle, plan_dir=tmp_path)
+        select_engine(["tensorrt"], bundle, EngineOptions(plan_dir=tmp_path))

@@ -33,7 +33,7 @@ import numpy.typing as npt
 import pytest
 
 import engines.triton as triton_module
-from engines.base import InferenceResult
+from engines.base import EngineOptions, InferenceResult
 from engines.build import add_build_engine_arguments, run_build_engine
 from engines.export import INPUT_NAME, OUTPUT_NAMES, ExportedModel, checkpoint_sha256
 from engines.onnxruntime import OnnxRuntimeEngine
@@ -253,7 +253,7 @@ def test_unavailable_without_a_url_or_a_server() -> None:
 
 def test_registry_knows_triton(bundle: ModelBundle, tmp_path: Path) -> None:
     assert BACKENDS["triton"] is TritonEngine
-    engine = create_engine("triton", bundle, plan_dir=tmp_path, device="cpu")
+    engine = create_engine("triton", bundle, EngineOptions(plan_dir=tmp_path, device="cpu"))
     assert isinstance(engine, TritonEngine)
     assert engine.model_name == "unict-small" and str(engine.device) == "cpu"
 

@@ -34,10 +34,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from service.errors import Stage
 from service.pipeline import OutputUIDs
 from service.receiver import STATUS_CANNOT_UNDERSTAND, SUPPORTED_TRANSFER_SYNTAXES
 from service.selection import ENHANCED_CT_IMAGE_STORAGE
+from service.stages import Stage
 from service.store import JobRecord, JobState
 from tests.conftest import make_ct_dataset, wait_until
 from tests.service.node_harness import (

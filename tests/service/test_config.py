@@ -217,3 +217,46 @@ def test_procrastinate_queue_needs_postgres() -> None:
         )
     with pytest.raises(ValidationError, match="stalled_after_s must be longer"):
         Settings.model_validate({**base, "queue": {"heartbeat_s": 10, "stalled_after_s": 5}})
+
+
+def test_ae_title_is_checked_wherever_one_is_given(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        MINIMAL
+        + """\
+assembly:
+  sender_query:
+    ORTHANC:
+      host: 127.0.0.1
+      port: 4242
+      ae_title: 'A\\B'
+""",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    message = str(info.value)
+    assert f"{path}:9: assembly.sender_query.ORTHANC.ae_title" in message
+    assert "not a valid AE title" in message
+    spaced = write(tmp_path, MINIMAL.replace("[ORTHANC]", "[' ORTHANC ']"))
+    assert load_settings(spaced, env={}).dicom.allowed_callers == ("ORTHANC",)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "line", "key", "taken"),
+    [
+        ("  seg:\n    series_number: 7\n  sr:\n    series_number: 7\n", 8, "sr", "SEG"),
+        ("  sc:\n    enabled: true\n    series_number: 9901\n", 7, "sc", "SEG"),
+        ("  sc:\n    enabled: true\n    series_number: 9902\n", 7, "sc", "SR"),
+    ],
+)
+def test_equal_output_series_numbers_are_refused_at_load(
+    tmp_path: Path, outputs: str, line: int, key: str, taken: str
+) -> None:
+    path = write(tmp_path, MINIMAL + "outputs:\n" + outputs)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert f"{path}:{line}: outputs.{key}.series_number: " in str(info.value)
+    assert f"is already the {taken}'s" in str(info.value)
+    # Key images that are off may keep any number.
+    off = write(tmp_path, MINIMAL + "outputs:\n  sc:\n    enabled: false\n    series_number: 9901\n")
+    assert load_settings(off, env={}).outputs.sc.series_number == 9901

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.network]
 
 STUDIES = 4
 SLICES = 12
+# A bound for a hang, not a speed: one surviving worker runs the real model on every job
+# left, plus the killed job's lease; on a loaded 2-core machine that took over 60 s.
+SETTLE_S = 60
 
 
 @pytest.fixture
@@ -145,13 +149,26 @@ def test_two_receivers_two_workers_one_killed_every_study_back_once(
                 return None
             return jobs
 
-        jobs = wait_until(settled, timeout=60, what="every job DONE")
+        settle_start = time.monotonic()
+        try:
+            jobs = wait_until(settled, timeout=SETTLE_S, what="every job DONE")
+        except BaseException:  # say where each job stood, and what the survivor logged
+            for job in store.list_jobs(limit=100):
+                print(
+                    f"job {job.id}: {job.state.value} attempts {job.attempts} "
+                    f"lease {job.lease_owner} {job.error_stage} {job.error_reason}"
+                )
+            for name in ("w0", "w1"):
+                print(f"--- {name}\n{tail(logs[name])}")
+            raise
+        settle_s = time.monotonic() - settle_start
         counts = Counter(s.sop_instance_uid for s in pacs.stored)
         deliveries = len(pacs.stored)
         print(
             f"\nstudies {STUDIES} x {SLICES} slices, jobs {len(jobs)}, killed {victim} on job "
             f"{killed_job} ({after_kill.state.value}), deliveries {deliveries}, distinct "
-            f"{len(counts)}, attempts {sorted(j.attempts for j in jobs)}"
+            f"{len(counts)}, attempts {sorted(j.attempts for j in jobs)}, settled in "
+            f"{settle_s:.1f} s"
         )
         assert len(jobs) == STUDIES  # one job per series: none queued twice
         by_study = {j.study_instance_uid: j for j in jobs}

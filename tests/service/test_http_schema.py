@@ -20,8 +20,8 @@ from schemathesis import Case, GenerationMode
 from schemathesis.checks import negative_data_rejection
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from service.http import openapi_schema
 from service.node import Node
-from service.openapi import openapi_schema
 from tests.conftest import free_port, ignores_pynetdicom_socket_leak
 from tests.service.store.test_repository import queued_job
 from tests.service.test_http import AUTH, TOKEN, StagedProcessor, node_settings, wait_readiness

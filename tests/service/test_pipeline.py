@@ -10,17 +10,20 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 import pytest
+from pydantic import ValidationError
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from engines.base import Availability, Engine, InferenceResult
 from model.card import ModelCard
 from model.labels import label_index
 from model.phantom.dicom_series import write_ct_series
-from service.errors import SeriesGeometryError, Stage, StageError
+from service.config import OutputsSettings, SegOutputSettings, SrOutputSettings
+from service.errors import SeriesGeometryError, StageError
 from service.outputs.seg import build_seg
 from service.outputs.sr import build_sr
 from service.pipeline import OutputOptions, analyse_series, preprocess_stage
 from service.postprocess import postprocess
+from service.stages import Stage
 from service.volume import load_series
 from tests.service.dicom_fixtures import (
     Sphere,
@@ -146,9 +149,8 @@ def test_analyse_series(series: list[Path]) -> None:
 
 def test_labelmap_and_all_frames(series: list[Path]) -> None:
     card = make_card()
-    options = OutputOptions(
-        segmentation_type="LABELMAP", omit_empty_frames=False, seg_series_number=77
-    )
+    seg = SegOutputSettings(segmentation_type="LABELMAP", omit_empty_frames=False, series_number=77)
+    options = OutputOptions(OutputsSettings(seg=seg))
     result = analyse_series(series, FakeEngine(card), card, options)
     assert result.seg is not None
     assert result.seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
@@ -186,16 +188,11 @@ def test_geometry_failure_is_a_load_stage_error(series: list[Path]) -> None:
     assert info.value.stage == Stage.LOAD
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"segmentation_type": "FRACTIONAL"}, "BINARY or LABELMAP"),
-        ({"sr_series_number": 9901}, "differ"),
-    ],
-)
-def test_output_options_are_validated(kwargs: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        OutputOptions(**kwargs)  # type: ignore[arg-type]
+def test_output_options_are_the_validated_outputs_section() -> None:
+    with pytest.raises(ValidationError, match="BINARY"):
+        SegOutputSettings(segmentation_type="FRACTIONAL")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="already the SEG's"):
+        OutputsSettings(sr=SrOutputSettings(series_number=9901))
 
 
 @pytest.mark.slow

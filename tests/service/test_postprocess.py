@@ -18,9 +18,9 @@ from service.lung_field import LEFT_LOBES, RIGHT_LOBES
 from service.postprocess import (
     AnalysisResult,
     PostprocessOptions,
-    _probability_on_source,
     postprocess,
 )
+from service.resample import probability_on_source
 from service.volume import SourceVolume, load_series
 from tests.service.dicom_fixtures import (
     LESION_HU,
@@ -179,13 +179,13 @@ def test_cropped_and_strided_resampling_equal_a_full_resample(
     full = to_source_grid(
         probability[None], model_input.affine_ras, volume.affine_lps, volume.shape
     )[0]
-    resampled = _probability_on_source(probability, model_input, volume, 0.5)
+    resampled = probability_on_source(probability, model_input, volume, 0.5)
     assert resampled is not None
     box, crop = resampled
     mask = np.zeros(volume.shape, dtype=bool)
     mask[box] = crop > 0.5
     np.testing.assert_array_equal(mask, full > 0.5)
-    strided = _probability_on_source(probability, model_input, volume, 0.5, stride=(1, 2, 2))
+    strided = probability_on_source(probability, model_input, volume, 0.5, stride=(1, 2, 2))
     assert strided is not None
     box, crop = strided
     coarse = np.zeros(volume.shape, dtype=bool)

@@ -128,7 +128,8 @@ def test_ended_studies_go_by_age_unended_never(
     assert not (spool.root / "1.1").exists()  # empty folders go too
     assert all(exist(failed + mixed_done + mixed_running + receiving))
     (job,) = sqlite_store.list_jobs(study_instance_uid="1.1")
-    assert "spool_removed_at" in job.outputs and job.state is JobState.DONE
+    assert job.spool_removed_at is not None and job.state is JobState.DONE
+    assert "spool_removed_at" not in job.outputs
 
     clock.advance(4 * HOUR)  # FAILED studies are kept longer, for an admin retry
     assert retention.run_once().studies == ["1.3"]

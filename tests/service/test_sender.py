@@ -10,6 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.status import code_to_category
 
 from service.config import Destination, SenderSettings
 from service.errors import SendError
@@ -124,6 +125,54 @@ def test_permanent_status_fails_without_retry(
     assert "status 0xA900" in failure.reason
     assert [(r.ok, r.status) for r in failure.results] == [(False, 0xA900), (True, 0)]
     assert sleeps == []
+
+
+@pytest.mark.parametrize(
+    ("status", "category", "retryable"),
+    [
+        (0x0000, "Success", None),
+        (0x0001, "Warning", None),  # attribute list error
+        (0x0107, "Warning", None),  # attribute list error (PS3.7 C.4.2)
+        (0x0116, "Warning", None),  # attribute value out of range
+        (0xB000, "Warning", None),  # coercion of data elements
+        (0xB006, "Warning", None),  # elements discarded
+        (0xB007, "Warning", None),  # data set does not match SOP class
+        (0xB123, "Warning", None),  # any other 0xBxxx
+        (0xA700, "Failure", True),  # out of resources: may succeed later
+        (0xA900, "Failure", False),  # data set does not match SOP class
+        (0xC000, "Failure", False),  # cannot understand
+        (0x0122, "Failure", False),  # SOP class not supported
+    ],
+)
+def test_each_status_category_against_a_real_scp(
+    scp: Callable[[str], StoreSCP],
+    ct_series: Callable[..., CTSeries],
+    status: int,
+    category: str,
+    retryable: bool | None,
+) -> None:
+    """Success and warning mean stored (one attempt); a failure fails the instance, and is
+    re-sent only when retryable."""
+    assert code_to_category(status) == category
+    pacs = scp("PACS")
+    pacs.statuses = [status] * SETTINGS.max_attempts
+    sleeps: list[float] = []
+    sender = Sender(
+        [destination("pacs", pacs.port)], SETTINGS, calling_ae="UNICT", sleep=sleeps.append
+    )
+    series = ct_series(1)
+    if retryable is None:
+        (result,) = sender(series.datasets)
+        assert (result.ok, result.status, result.attempts) == (True, status, 1)
+        assert result.detail == ("stored" if status == 0 else f"stored, warning 0x{status:04X}")
+        assert sleeps == []
+        return
+    with pytest.raises(SendFailure) as info:
+        sender(series.datasets)
+    (result,) = info.value.results
+    assert (result.ok, result.status) == (False, status)
+    assert info.value.retryable is retryable
+    assert result.attempts == (SETTINGS.max_attempts if retryable else 1)
 
 
 @ignores_pynetdicom_socket_leak

@@ -13,7 +13,8 @@ import pytest
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from service.errors import SeriesGeometryError, Stage, StageError
+from service.errors import SeriesGeometryError, StageError
+from service.stages import Stage
 from service.volume import load_series
 from tests.service.dicom_fixtures import (
     Sphere,

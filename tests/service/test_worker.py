@@ -11,9 +11,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from service.config import WorkersSettings
-from service.errors import SeriesGeometryError, Stage, StageError
+from service.errors import SeriesGeometryError, StageError
 from service.selection import InstanceHeader
 from service.sender import Output, SendFailure, SendResult
+from service.stages import Stage
 from service.store import JobState, JobStore, ReceivedInstance, RetryPolicy, run_migrations
 from service.worker import ClaimedJob, ProcessOutcome, Workers
 from tests.conftest import FakeClock, make_ct_dataset, wait_until

@@ -21,7 +21,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
-from service.config import HttpSettings, SenderSettings
+from service.config import HttpSettings, OutputsSettings, ScOutputSettings, SenderSettings
 from service.dicomweb.settings import DicomwebDestination
 from service.pipeline import OutputOptions
 from service.sender import Sender, SendFailure
@@ -115,7 +115,9 @@ def test_a_study_stowed_by_orthanc_comes_back_as_seg_sr_and_key_image_over_stow(
         }
     )
     processor = PipelineProcessor()
-    processor.options = OutputOptions(sc_enabled=True, sc_max_images=1)
+    processor.options = OutputOptions(
+        OutputsSettings(sc=ScOutputSettings(enabled=True, max_images=1))
+    )
     with running_stow_node(settings, processor) as (node, _):
         response = httpx.post(
             f"{server.url}/dicom-web/servers/unict/stow",

@@ -102,6 +102,7 @@ def test_dciodvfy_has_no_errors(phantom: AnalysedPhantom, tmp_path: Path) -> Non
 
 
 def test_pipeline_adds_key_images_when_enabled(tmp_path: Path) -> None:
+    from service.config import OutputsSettings, ScOutputSettings
     from service.pipeline import OutputOptions, OutputUIDs, analyse_series
     from tests.service.dicom_fixtures import make_card
     from tests.service.test_pipeline import FakeEngine, write_fake_engine_series
@@ -111,7 +112,8 @@ def test_pipeline_adds_key_images_when_enabled(tmp_path: Path) -> None:
     off = analyse_series(series, FakeEngine(card), card, OutputOptions())
     assert off.sc == ()
     uids = OutputUIDs.for_result("1.2.3", "1.2.3.4", 1, card)
-    options = OutputOptions(sc_enabled=True, sc_series_number=9903, sc_max_images=3)
+    key_images = ScOutputSettings(enabled=True, series_number=9903, max_images=3)
+    options = OutputOptions(OutputsSettings(sc=key_images))
     on = analyse_series(series, FakeEngine(card), card, options, uids=uids)
     again = analyse_series(series, FakeEngine(card), card, options, uids=uids)
     assert len(on.sc) == 1  # the one finding, on its largest slice
@@ -120,5 +122,5 @@ def test_pipeline_adds_key_images_when_enabled(tmp_path: Path) -> None:
     # A job run again writes the same UIDs (no duplicate in the PACS).
     assert [d.SOPInstanceUID for d in again.sc] == [d.SOPInstanceUID for d in on.sc]
     assert image.SOPInstanceUID == uids.sc_instances(3)[0]
-    with pytest.raises(ValueError, match="key-image series number"):
-        OutputOptions(sc_enabled=True, sc_series_number=9901)
+    with pytest.raises(ValueError, match="already the SEG's"):
+        OutputsSettings(sc=ScOutputSettings(enabled=True, series_number=9901))

@@ -191,7 +191,7 @@ def test_fractional_is_refused(phantom: AnalysedPhantom) -> None:
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) is not installed")
 @pytest.mark.parametrize("omit", [True, False])
 def test_dciodvfy_finds_no_errors(phantom: AnalysedPhantom, tmp_path: Path, omit: bool) -> None:
-    # LABELMAP is not checked: dicom3tools 2022 does not know its SOP class (TOOLCHAIN.md).
+    # LABELMAP is not checked: dicom3tools 2022 (Debian) does not know its SOP class.
     result = dciodvfy(save(_build(phantom, omit_empty_frames=omit), tmp_path / "seg.dcm"))
     assert not result.errors, result.output
     assert result.returncode == 0, result.output
