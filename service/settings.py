@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     SecretStr,
@@ -30,6 +27,20 @@ from sqlalchemy.engine import make_url
 
 from service.dicomweb.settings import DicomwebDestination, DicomwebSettings
 from service.errors import ConfigError
+from service.output_settings import (
+    OutputsSettings,
+    ScOutputSettings,
+    SegOutputSettings,
+    SrOutputSettings,
+)
+from service.settings_types import (
+    AETitle,
+    Port,
+    Section,
+    SettingError,
+    is_loopback,
+    is_placeholder_secret,
+)
 
 __all__ = [
     "DESTINATION_TAGS",
@@ -64,64 +75,7 @@ __all__ = [
     "is_placeholder_secret",
 ]
 
-# Secrets that are obviously not secret: refused wherever the HTTP API is reachable from
-# another machine.
-_PLACEHOLDER_SECRETS = frozenset(
-    {"", "changeme", "change_me", "change-me", "secret", "password", "token", "xxx", "todo"}
-)
-
-# PS3.5 §6.2: an AE title is 1-16 characters of the default repertoire, no backslash or
-# control characters, and not only spaces.
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-Port = Annotated[int, Field(ge=0, le=65535)]
-
-
-class SettingError(ValueError):
-    """A validator's error about one key of its section (so the loader names that key's line).
-
-    Parameters
-    ----------
-    key
-        The key, relative to the section whose validator raises it.
-    message
-        What is wrong.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def is_placeholder_secret(value: str) -> bool:
-    """Return whether `value` is empty or a well-known placeholder such as ``changeme``."""
-    return value.strip().lower() in _PLACEHOLDER_SECRETS
-
-
-def is_loopback(host: str) -> bool:
-    """Return whether `host` (an address or ``localhost``) is reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_ae_title(value: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError(
-            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
-        )
-    return value.strip()
-
-
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
-"""An AE title (PS3.5 §6.2), leading and trailing spaces removed; checked wherever used."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+_Section = Section
 
 
 class TlsSettings(_Section):
@@ -379,62 +333,6 @@ class ModelSettings(_Section):
                 "model.checkpoint_dir: null, and the bundled model package is missing"
             )
         return Path(next(iter(spec.submodule_search_locations))) / "checkpoints" / "small"
-
-
-class SegOutputSettings(_Section):
-    """The DICOM Segmentation series written for each job."""
-
-    series_number: int = Field(default=9901, ge=1)
-    series_description: str = Field(default="UniCT segmentation", max_length=64)
-    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
-    omit_empty_frames: bool = True
-
-
-class SrOutputSettings(_Section):
-    """The TID 1500 Comprehensive 3D SR written for each job."""
-
-    series_number: int = Field(default=9902, ge=1)
-    series_description: str = Field(default="UniCT report", max_length=64)
-    max_lesions_per_finding: int = Field(default=5, ge=1, le=50)
-
-
-class ScOutputSettings(_Section):
-    """Key images with the findings burned in (Secondary Capture), for viewers without SEG."""
-
-    enabled: bool = False
-    series_number: int = Field(default=9903, ge=1)
-    series_description: str = Field(default="UniCT key images", max_length=64)
-    max_images: int = Field(default=5, ge=1, le=50)
-
-
-class OutputsSettings(_Section):
-    """What the node sends back."""
-
-    seg: SegOutputSettings = SegOutputSettings()
-    sr: SrOutputSettings = SrOutputSettings()
-    sc: ScOutputSettings = ScOutputSettings()
-
-    @field_validator("sr")
-    @classmethod
-    def _sr_own_number(cls, value: SrOutputSettings, info: ValidationInfo) -> SrOutputSettings:
-        seg = info.data.get("seg")
-        if seg is not None and value.series_number == seg.series_number:
-            raise SettingError(
-                "series_number", f"{value.series_number} is already the SEG's (seg.series_number)"
-            )
-        return value
-
-    @field_validator("sc")
-    @classmethod
-    def _sc_own_number(cls, value: ScOutputSettings, info: ValidationInfo) -> ScOutputSettings:
-        for name in ("seg", "sr"):
-            section = info.data.get(name)
-            if value.enabled and section is not None and value.series_number == section.series_number:
-                raise SettingError(
-                    "series_number",
-                    f"{value.series_number} is already the {name.upper()}'s ({name}.series_number)",
-                )
-        return value
 
 
 class WorkersSettings(_Section):
