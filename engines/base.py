@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from model.prediction import Prediction
+
 if TYPE_CHECKING:
     from model.bundle import ModelBundle
 
@@ -29,31 +31,17 @@ class Availability:
 
 
 @dataclass(frozen=True)
-class InferenceResult:
-    """What one UniCT pass gives for one volume.
+class InferenceResult(Prediction):
+    """What one UniCT pass gives for one volume (:class:`~model.inference.Prediction`: the
+    probabilities, the segmentation on the model grid, the report and the fusion module's
+    task-by-task attention), and which backend gave it.
 
     Attributes
     ----------
-    probabilities
-        ``(num_labels,)`` sigmoid probabilities, label order of the model card.
-    segmentation
-        ``(num_labels, D, H, W)`` float32 probabilities on the model grid.
-    report_tokens
-        Generated token ids, without BOS/EOS/padding.
-    report_text
-        The detokenised report.
-    fusion_attention
-        ``(3, 3)`` task-by-task attention of the fusion module, averaged over heads
-        (rows/columns: classification, segmentation, report).
     engine
         Name of the backend that produced it.
     """
 
-    probabilities: npt.NDArray[np.float32]
-    segmentation: npt.NDArray[np.float32]
-    report_tokens: tuple[int, ...]
-    report_text: str
-    fusion_attention: npt.NDArray[np.float32]
     engine: str
 
 

@@ -9,7 +9,6 @@ produced the same way whatever ran the visual path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from model.bundle import ModelBundle
 from model.network import UniCT
 from model.network.heads import ReportDecoder
 from model.network.unict import FINDINGS_SLOT
+from model.prediction import Prediction
 from model.tokenizer import Tokenizer
 
 __all__ = ["Prediction", "Predictor", "ReportGenerator", "decoded_ids", "resolve_device"]
@@ -131,31 +131,6 @@ class ReportGenerator:
             )
         ids = tuple(int(t) for t in tokens[0].tolist())
         return decoded_ids(ids, self.tokenizer.eos_id), self.tokenizer.decode(ids)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """What one UniCT pass gives for one volume.
-
-    Attributes
-    ----------
-    probabilities
-        ``(num_labels,)`` sigmoid probabilities, label order of the model card.
-    segmentation
-        ``(num_labels, D, H, W)`` float32 probabilities on the model grid.
-    report_tokens
-        Generated token ids, without BOS/EOS/padding.
-    report_text
-        The detokenised report.
-    fusion_attention
-        ``(3, 3)`` task-by-task attention of the fusion module, averaged over heads.
-    """
-
-    probabilities: npt.NDArray[np.float32]
-    segmentation: npt.NDArray[np.float32]
-    report_tokens: tuple[int, ...]
-    report_text: str
-    fusion_attention: npt.NDArray[np.float32]
 
 
 class Predictor:
