@@ -23,15 +23,13 @@ STOW-RS (:mod:`service.dicomweb.stow`) both store through it.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import BinaryIO, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -44,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from service.config import StorageSettings
 from service.metrics import NodeMetrics
 from service.selection import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
+from service.spool_write import spool_write
 from service.store import JobStore, ReceivedInstance, RecordOutcome
 from service.uids import is_uid
 
@@ -164,12 +163,25 @@ def _incomplete(ds: Dataset, size: int) -> str | None:
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class InstanceRecorder(Protocol):
+    """Writes the job-store row of a durable spool file later (:mod:`service.ingest_recorder`)."""
+
+    def submit(self, instance: ReceivedInstance, connection: int) -> None:
+        """Queue `instance`, whose file is durable, for its row."""
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A received file that passed the checks: what spooling and recording need."""
+
+    header: InstanceHeader
+    study_uid: str
+    series_uid: str
+    prefix: bytes
+    """The Part 10 preamble when the file came without one, else empty."""
+
+    def refused(self, status: int, reason: str) -> StoreResult:
+        return StoreResult(status, reason, self.header.sop_class_uid, self.header.sop_instance_uid)
 
 
 class InstanceHandler:
@@ -229,11 +241,12 @@ class InstanceHandler:
         requested_instance: str | None = None,
         study_uid: str | None = None,
     ) -> StoreResult:
-        """Spool and record one received DICOM file: the one ingest path of the node.
+        """Spool and record one received DICOM file (STOW-RS, and C-STORE in tests).
 
-        C-STORE and STOW-RS both come here, so durability (written, ``fsync``-ed and
-        renamed before success), the spool floor, the SOP class and transfer syntax
-        checks, the job store record and the assembler's notice are the same for both.
+        C-STORE (:meth:`store_received`) and STOW-RS both come through the same checks, so
+        durability (written and ``fsync``-ed before success), the spool floor, the SOP
+        class and transfer syntax checks, the job store record and the assembler's notice
+        are the same for both.
 
         Parameters
         ----------
@@ -251,7 +264,62 @@ class InstanceHandler:
         study_uid
             The study the instance must belong to (``POST /studies/{study}``).
         """
-        label = requested_instance or source.name
+        checked = self._check(
+            source,
+            source,
+            label=requested_instance or source.name,
+            requested_class=requested_class,
+            requested_instance=requested_instance,
+            study_uid=study_uid,
+        )
+        if isinstance(checked, StoreResult):
+            return checked
+        return self._spool_and_record(checked, source, caller, connection, None)
+
+    def store_received(
+        self,
+        data: bytes,
+        *,
+        caller: str,
+        connection: int,
+        requested_class: str,
+        requested_instance: str,
+        recorder: InstanceRecorder | None = None,
+    ) -> StoreResult:
+        """Spool one C-STORE's dataset, received into memory as a Part 10 file.
+
+        `data` is the whole file (preamble, file meta, dataset) as the Storage SCP built it.
+        With a `recorder`, success is answered once the file is durable in the spool and
+        the row is written by the recorder in a batch (the file is the write-ahead
+        record; see :mod:`service.ingest_recorder`); without one the row is written here.
+        """
+        if requested_class not in SUPPORTED_SOP_CLASSES:
+            return StoreResult(
+                STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {requested_class} not supported"
+            )
+        checked = self._check(
+            io.BytesIO(data),
+            len(data),
+            label=requested_instance,
+            requested_class=requested_class,
+            requested_instance=requested_instance,
+            study_uid=None,
+        )
+        if isinstance(checked, StoreResult):
+            return checked
+        return self._spool_and_record(checked, data, caller, connection, recorder)
+
+    def _check(
+        self,
+        source: Path | BinaryIO,
+        size: Path | int,
+        *,
+        label: str,
+        requested_class: str | None,
+        requested_instance: str | None,
+        study_uid: str | None,
+    ) -> _Checked | StoreResult:
+        """The checks before anything is written: spool floor, decodable, complete, UIDs."""
         prefix = b""
 
         def refused(
@@ -280,6 +348,8 @@ class InstanceHandler:
                 # File meta without the 128-byte preamble and "DICM" (pydicom 3 writes such
                 # files unless asked for the file format; dicomweb-client sends them): read
                 # it when the meta names its transfer syntax, else it is not DICOM.
+                if not isinstance(source, Path):
+                    source.seek(0)
                 ds = dcmread(source, defer_size=_DEFER_BYTES, force=True)
                 if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
                     raise
@@ -304,7 +374,7 @@ class InstanceHandler:
                 **uids,
             )
         try:
-            problem = _incomplete(ds, source.stat().st_size)
+            problem = _incomplete(ds, size.stat().st_size if isinstance(size, Path) else size)
             if problem is not None:
                 logger.warning("sop %s cannot be stored: %s", label, problem)
                 return refused(STATUS_CANNOT_UNDERSTAND, problem, **uids)
@@ -334,46 +404,67 @@ class InstanceHandler:
             return refused(
                 STATUS_DATASET_MISMATCH, "Study Instance UID differs from the request's", **uids
             )
+        return _Checked(header, instance_study, series_uid, prefix)
 
+    def _spool_and_record(
+        self,
+        checked: _Checked,
+        data: bytes | Path,
+        caller: str,
+        connection: int,
+        recorder: InstanceRecorder | None,
+    ) -> StoreResult:
+        header = checked.header
         try:
-            path, size, digest = self._spool(
-                source, instance_study, series_uid, header.sop_instance_uid, prefix=prefix
+            path, size, digest = spool_write(
+                self.spool_dir,
+                data,
+                checked.study_uid,
+                checked.series_uid,
+                header.sop_instance_uid,
+                prefix=checked.prefix,
             )
         except OSError as exc:
             logger.error("sop %s: spool write failed: %s", header.sop_instance_uid, exc)
-            return refused(STATUS_OUT_OF_RESOURCES, "spool write failed", **uids)
-
-        try:
-            result = self.store.record_instance(
-                ReceivedInstance(
-                    study_instance_uid=instance_study,
-                    series_instance_uid=series_uid,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    path=path,
-                    size=size,
-                    sha256=digest,
-                    calling_ae=caller,
-                    header=header.to_json(),
-                    expected_count=header.images_in_acquisition,
-                )
-            )
-        except SQLAlchemyError as exc:
-            # The file stays in the spool; the sender retries and the record is made then.
-            logger.error("sop %s: job store unavailable: %s", header.sop_instance_uid, exc)
-            return refused(STATUS_OUT_OF_RESOURCES, "job store unavailable", **uids)
-        duplicate = result.outcome is RecordOutcome.DUPLICATE
-        if duplicate:
-            logger.debug("sop %s: duplicate, already stored", header.sop_instance_uid)
+            return checked.refused(STATUS_OUT_OF_RESOURCES, "spool write failed")
+        received = ReceivedInstance(
+            study_instance_uid=checked.study_uid,
+            series_instance_uid=checked.series_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            path=path,
+            size=size,
+            sha256=digest,
+            calling_ae=caller,
+            header=header.to_json(),
+            expected_count=header.images_in_acquisition,
+        )
         if self.metrics is not None:
             self.metrics.instances_received.inc()
             self.metrics.bytes_received.inc(size)
+        if recorder is not None:
+            recorder.submit(received, connection)
+            return StoreResult(
+                status=STATUS_SUCCESS,
+                reason="",
+                sop_class_uid=header.sop_class_uid,
+                sop_instance_uid=header.sop_instance_uid,
+            )
+        try:
+            result = self.store.record_instance(received)
+        except SQLAlchemyError as exc:
+            # The file stays in the spool; the sender retries and the record is made then.
+            logger.error("sop %s: job store unavailable: %s", header.sop_instance_uid, exc)
+            return checked.refused(STATUS_OUT_OF_RESOURCES, "job store unavailable")
+        duplicate = result.outcome is RecordOutcome.DUPLICATE
+        if duplicate:
+            logger.debug("sop %s: duplicate, already stored", header.sop_instance_uid)
         series = SeriesRef(
             series_id=result.series_id,
             version=result.version,
             job_id=result.job_id,
-            study_instance_uid=instance_study,
-            series_instance_uid=series_uid,
+            study_instance_uid=checked.study_uid,
+            series_instance_uid=checked.series_uid,
             calling_ae=caller,
         )
         if self.listener is not None:
@@ -386,43 +477,3 @@ class InstanceHandler:
             series=series,
             duplicate=duplicate,
         )
-
-    def _spool(
-        self, source: Path, study_uid: str, series_uid: str, sop_uid: str, *, prefix: bytes = b""
-    ) -> tuple[Path, int, str]:
-        """Copy `source` into the spool atomically; return the path, size and SHA-256.
-
-        The name carries the start of the content hash, so a changed resend never
-        overwrites a file an earlier series version (maybe being analysed) points at.
-        """
-        directory = self.spool_dir / study_uid / series_uid
-        created = not directory.is_dir()
-        if created:
-            directory.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{sop_uid}.", suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                if prefix:
-                    digest.update(prefix)
-                    out.write(prefix)
-                    size += len(prefix)
-                while chunk := src.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            hexdigest = digest.hexdigest()
-            final = directory / f"{sop_uid}.{hexdigest[:16]}.dcm"
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
-        if created:  # make the new folders themselves durable too
-            _fsync_dir(directory.parent)
-            _fsync_dir(directory.parent.parent)
-        return final, size, hexdigest

@@ -1,9 +1,12 @@
-"""The DICOM listener: a pynetdicom Storage SCP for CT that spools and records instances.
+"""The DICOM listener: a Storage SCP for CT that spools and records instances.
 
-Each C-STORE goes to :class:`~service.instance_handler.InstanceHandler` (spool, record,
-tell the assembler; its statuses are listed there). The receiver is the server around it:
-presentation contexts (the transfer syntaxes the pipeline can decode), TLS, and who may
-associate.
+Each C-STORE goes to :class:`~service.instance_handler.InstanceHandler` (check, spool
+durably; its statuses are listed there), and its job-store row to the
+:class:`~service.ingest_recorder.BatchRecorder`, which tells the assembler. The receiver
+is the server around them: the node's own Upper Layer acceptor
+(:class:`~service.storage_scp.StorageSCP`), the transfer syntaxes the pipeline can decode,
+TLS, who may associate, and the recovery of acknowledged but unrecorded spool files at
+start (:mod:`service.spool_recovery`).
 
 Associations are accepted only from ``dicom.allowed_callers`` (and ``allowed_hosts`` when
 set): others get an A-ASSOCIATE-RJ, permanent, "calling AE title not recognised".
@@ -14,13 +17,9 @@ C-STOREs (by status) and rejected associations (by reason) are counted.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
@@ -35,13 +34,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import DicomSettings, StorageSettings, TlsSettings
+from service.ingest_recorder import BatchRecorder
 from service.instance_handler import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -56,6 +52,8 @@ from service.instance_handler import (
     StoreResult,
 )
 from service.metrics import NodeMetrics
+from service.spool_recovery import recover_spool
+from service.storage_scp import AssociationInfo, StorageSCP
 from service.store import JobStore
 
 __all__ = [
@@ -115,17 +113,6 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     *(s for s in _COMPRESSED_LOSSLESS if _decodable(s)),
 )
 
-# (Result Source, Diagnostic) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4) -> metrics label.
-_REJECT_REASONS: dict[tuple[int | None, int | None], str] = {
-    (0x01, 0x03): "calling_ae",
-    (0x01, 0x07): "called_ae",
-    (0x03, 0x02): "busy",
-}
-
-
-# DUL states of an association with nothing left to abort: idle, awaiting the close.
-_ENDED_STATES = frozenset({"Sta1", "Sta13"})
-
 
 def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """Server-side TLS context from the ``dicom.tls`` settings (TLS 1.2 or later)."""
@@ -155,6 +142,8 @@ class Receiver:
         Told about stored instances and ended associations (the assembler).
     metrics
         Where instances, bytes and refusals are counted (none when ``None``).
+    reuse_port
+        Listen with ``SO_REUSEPORT``, so that several node processes share the port.
     """
 
     def __init__(
@@ -165,6 +154,7 @@ class Receiver:
         *,
         listener: AssociationListener | None = None,
         metrics: NodeMetrics | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.dicom = dicom
         self.metrics = metrics
@@ -179,73 +169,48 @@ class Receiver:
             metrics=metrics,
             transfer_syntaxes=SUPPORTED_TRANSFER_SYNTAXES,
         )
-        self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
-        self._ae: AE | None = None
-        self._ended: set[int] = set()
-        self._lock = threading.Lock()
-        self._hosts = (
-            None
-            if dicom.allowed_hosts is None
-            else tuple(ipaddress.ip_network(h, strict=False) for h in dicom.allowed_hosts)
-        )
+        self.reuse_port = reuse_port
+        self._scp: StorageSCP | None = None
+        self._recorder: BatchRecorder | None = None
 
     # ------------------------------------------------------------ lifecycle
 
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.dicom.ae_title)
-        for sop_class in SUPPORTED_SOP_CLASSES:
-            ae.add_supported_context(sop_class, list(SUPPORTED_TRANSFER_SYNTAXES))
-        ae.add_supported_context(Verification)
-        if not self.dicom.allow_any_caller:
-            ae.require_calling_aet = list(self.dicom.allowed_callers)
-        ae.maximum_associations = self.dicom.max_associations
-        # The ARTIM wait for an A-ASSOCIATE-RQ (PS3.8 §9.1.5); a connection closed before
-        # sending one keeps its slot until it runs out.
-        ae.acse_timeout = self.dicom.acse_timeout_s
-        ae.maximum_pdu_size = self.dicom.max_pdu
-        return ae
-
     def start(self) -> None:
-        """Bind the listener and serve in background threads.
+        """Record what a crash left in the spool, bind the listener and serve.
 
         Raises
         ------
         OSError
             The address cannot be bound (port in use, bad interface).
         """
-        if self._server is not None:
+        if self._scp is not None:
             raise RuntimeError("the receiver is already running")
-        # Stream each dataset to a temporary file instead of decoding it in memory
-        # (event.dataset_path); process-wide, and only affects C-STORE as SCP.
-        _config.STORE_RECV_CHUNKED_DATASET = True
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        recover_spool(self.spool_dir, self.store, self._handler)
         ssl_context = make_ssl_context(self.dicom.tls) if self.dicom.tls.enabled else None
-        handlers: list[Any] = [
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
-        ]
-        before = set(threading.enumerate())
-        self._ae = self._make_ae()
-        self._server = self._ae.start_server(
-            (self.dicom.bind_address, self.dicom.port),
-            block=False,
-            evt_handlers=handlers,
+        recorder = BatchRecorder(self.store, self.listener)
+        recorder.start()
+        scp = StorageSCP(
+            self._handler,
+            recorder,
+            sop_classes=SUPPORTED_SOP_CLASSES,
+            transfer_syntaxes=[str(s) for s in SUPPORTED_TRANSFER_SYNTAXES],
+            allowed_callers=None if self.dicom.allow_any_caller else self.dicom.allowed_callers,
+            allowed_hosts=self.dicom.allowed_hosts,
+            max_associations=self.dicom.max_associations,
+            max_pdu=self.dicom.max_pdu,
+            acse_timeout_s=self.dicom.acse_timeout_s,
+            network_timeout_s=self.dicom.network_timeout_s,
             ssl_context=ssl_context,
+            metrics=self.metrics,
+            on_refused=self._count_refused,
         )
-        # pynetdicom does not keep the serving thread on the server; find it for is_bound.
-        self._thread = next(
-            (
-                t
-                for t in threading.enumerate()
-                if t not in before and t.name.startswith("AcceptorServer")
-            ),
-            None,
-        )
+        try:
+            scp.start((self.dicom.bind_address, self.dicom.port), reuse_port=self.reuse_port)
+        except OSError:
+            recorder.stop()
+            raise
+        self._scp, self._recorder = scp, recorder
         logger.info(
             "DICOM listener %s on %s:%d%s",
             self.dicom.ae_title,
@@ -254,48 +219,29 @@ class Receiver:
         )
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop listening, let open associations end for up to `grace` seconds, abort the rest.
-
-        An association that has just been released or rejected waits for its peer to close
-        the connection (state Sta13); pynetdicom's state machine has no A-ABORT for that
-        state and its reactor thread dies on one (a CI failure at a test's teardown). So the
-        server stops accepting first, the associations get their grace period to finish,
-        and only those still open after it are aborted (an instance not yet acknowledged is
-        then resent by its peer); idle and closing ones are left to end by themselves.
-        """
-        server, self._server = self._server, None
-        if server is None or self._ae is None:
+        """Stop listening, let open associations end for up to `grace` seconds, abort the
+        rest (an instance not yet acknowledged is then resent by its peer), and record
+        what is queued."""
+        scp, self._scp = self._scp, None
+        if scp is None:
             return
-        server.shutdown()  # no new associations; the open ones keep their threads
-        deadline = time.monotonic() + grace
-        while (open_ := self._open_associations()) and time.monotonic() < deadline:
-            open_[0].join(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
-        for assoc in self._open_associations():
-            logger.warning("aborting an association still open after %.1f s", grace)
-            assoc.abort()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._thread = None
+        scp.stop(grace)
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
         logger.info("DICOM listener stopped")
 
-    def _open_associations(self) -> list[Association]:
-        """Associations with something to end: not idle (Sta1, the thread only finishing its
-        handlers) and not closing (Sta13, released or rejected and awaiting the close)."""
-        if self._ae is None:
-            return []
-        return [
-            assoc
-            for assoc in self._ae.active_associations
-            if assoc.dul.state_machine.current_state not in _ENDED_STATES
-        ]
+    @property
+    def associations(self) -> list[AssociationInfo]:
+        """The open associations (and connections not yet associated)."""
+        return [] if self._scp is None else self._scp.associations
 
     @property
     def address(self) -> tuple[str, int]:
         """The bound address and port (the real port when configured as 0)."""
-        if self._server is None:
+        if self._scp is None:
             raise RuntimeError("the receiver is not running")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._scp.address
 
     @property
     def port(self) -> int:
@@ -304,69 +250,12 @@ class Receiver:
 
     @property
     def is_bound(self) -> bool:
-        """Whether the listening socket is open and its server thread alive."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return False
-        sock = server.socket
-        return sock is not None and sock.fileno() >= 0 and thread.is_alive()
+        """Whether the listening socket is open and its accepting thread alive."""
+        return self._scp is not None and self._scp.is_bound
 
-    # ------------------------------------------------------------ association events
-
-    def _on_requested(self, event: Event) -> None:
-        if self._hosts is None:
-            return
-        address = event.assoc.requestor.address
-        try:
-            allowed = any(ipaddress.ip_address(address) in net for net in self._hosts)
-        except ValueError:
-            allowed = False
-        if not allowed:
-            logger.warning(
-                "association from %s (%s) refused: host not in allowed_hosts",
-                address,
-                event.assoc.requestor.primitive.calling_ae_title,  # type: ignore[union-attr]
-            )
-            # Rejected permanent, by the service user, calling AE title not recognised
-            # (PS3.8 §7.1.1.9).
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # pynetdicom sends no EVT_REJECTED for a rejection made in EVT_REQUESTED.
-            if self.metrics is not None:
-                self.metrics.associations_refused.labels(reason="host").inc()
-            # As pynetdicom does for its own rejections: wait until the DUL has sent the
-            # A-ASSOCIATE-RJ and gone idle, or the socket closes before the PDU leaves.
-            event.assoc.kill()
-
-    def _on_rejected(self, event: Event) -> None:
-        """pynetdicom rejected an association: unknown caller, wrong called AE, too many."""
-        if self.metrics is None:
-            return
-        # send_reject leaves the A-ASSOCIATE-RJ it sent on the acceptor.
-        primitive = event.assoc.acceptor.primitive
-        source = getattr(primitive, "result_source", None)
-        diagnostic = getattr(primitive, "diagnostic", None)
-        reason = _REJECT_REASONS.get((source, diagnostic), "other")
-        self.metrics.associations_refused.labels(reason=reason).inc()
-
-    def _end(self, event: Event, *, released: bool) -> None:
-        key = id(event.assoc)
-        with self._lock:
-            if key in self._ended:
-                return
-            self._ended.add(key)
-        if self.listener is not None:
-            self.listener.association_ended(key, released=released)
-
-    def _on_released(self, event: Event) -> None:
-        self._end(event, released=True)
-
-    def _on_aborted(self, event: Event) -> None:
-        self._end(event, released=False)
-
-    def _on_closed(self, event: Event) -> None:
-        self._end(event, released=False)
-        with self._lock:
-            self._ended.discard(id(event.assoc))
+    def _count_refused(self, status: int) -> None:
+        if self.metrics is not None:
+            self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
 
     # ------------------------------------------------------------ C-STORE
 
@@ -408,6 +297,7 @@ class Receiver:
             self.listener.association_ended(connection, released=released)
 
     def _on_store(self, event: Event) -> int:
+        """A pynetdicom C-STORE event through the same handler (tests, embedding)."""
         status = self._handler(event)
         if status != STATUS_SUCCESS and self.metrics is not None:
             self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()

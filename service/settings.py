@@ -115,12 +115,10 @@ class DicomSettings(_Section):
     max_associations: int = Field(default=10, ge=1)
     max_pdu: int = Field(default=65536, ge=0)
     acse_timeout_s: float = Field(default=10.0, gt=0)
-    """How long a connection may go without an association request (or release reply).
-
-    pynetdicom keeps an association slot (``max_associations``) for a connection that
-    closed before sending its A-ASSOCIATE-RQ until this runs out: a TCP health probe or a
-    port scan holds a slot that long.
-    """
+    """How long a connection may go without an association request (or release reply):
+    the ARTIM timer (PS3.8 §9.1.5); also the TLS handshake's limit."""
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    """An established association with no PDU for this long is aborted."""
     tls: TlsSettings = TlsSettings()
 
     @field_validator("allowed_callers")

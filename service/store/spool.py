@@ -53,6 +53,16 @@ class SpoolStore(StoreBase):
         with self._tx() as session:
             return {Path(p) for p in session.scalars(stmt)}
 
+    def recorded_paths(self, paths: Sequence[Path]) -> set[Path]:
+        """Which of `paths` some instance row refers to (spool recovery at start)."""
+        found: set[Path] = set()
+        names = [str(p) for p in paths]
+        with self._tx() as session:
+            for i in range(0, len(names), 500):
+                stmt = select(Instance.path).where(Instance.path.in_(names[i : i + 500]))
+                found.update(Path(p) for p in session.scalars(stmt))
+        return found
+
     def files_in_use(self) -> set[Path]:
         """Spool files that a job not yet ended refers to: never to be removed.
 

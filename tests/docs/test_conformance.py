@@ -43,6 +43,7 @@ from service.dicomweb.stow import StowService
 from service.outputs.charset import output_character_set
 from service.pipeline import OutputOptions, PipelineResult, analyse_series
 from service.sender import Sender
+from service.ul_pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from tests.conftest import free_port
 from tests.service.dicom_fixtures import make_card
 from tests.service.test_pipeline import FakeEngine, write_fake_engine_series
@@ -76,20 +77,57 @@ def column(name: str, index: int) -> list[str]:
 # ---------------------------------------------------------------- Storage SCP
 
 
-def scp_contexts() -> dict[str, list[str]]:
-    ae = receiver.Receiver.__new__(receiver.Receiver)
-    ae.dicom = DicomSettings(allowed_callers=("X",))
-    built: AE = receiver.Receiver._make_ae(ae)
-    return {str(c.abstract_syntax): list(c.transfer_syntax) for c in built.supported_contexts}
+@pytest.fixture(scope="module")
+def scp_contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """What the running listener accepts: each SOP class with each transfer syntax
+    proposed in a context of its own, over a real association (MR is the control)."""
+    from service.config import StorageSettings
+    from service.store import JobStore, RetryPolicy, run_migrations
+
+    tmp = tmp_path_factory.mktemp("conformance-scp")
+    url = f"sqlite:///{tmp / 'unict.db'}"
+    run_migrations(url)
+    store = JobStore(url, retry=RetryPolicy())
+    listener = receiver.Receiver(
+        DicomSettings(port=0, allowed_callers=("CONFORMANCE",)),
+        StorageSettings(spool_dir=tmp / "spool", min_free_mb=0),
+        store,
+    )
+    syntaxes = [*receiver.SUPPORTED_TRANSFER_SYNTAXES, *receiver._COMPRESSED_LOSSLESS]
+    names = list(dict.fromkeys(str(s) for s in syntaxes))
+    classes = [*receiver.SUPPORTED_SOP_CLASSES, str(Verification), "1.2.840.10008.5.1.4.1.1.4"]
+    listener.start()
+    try:
+        ae = AE(ae_title="CONFORMANCE")
+        for sop_class in classes:
+            for syntax in names:
+                ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="UNICT")
+        assert assoc.is_established
+        accepted: dict[str, set[str]] = {}
+        for context in assoc.accepted_contexts:
+            accepted.setdefault(str(context.abstract_syntax), set()).add(
+                str(context.transfer_syntax[0])
+            )
+        assoc.release()
+    finally:
+        listener.stop()
+        store.close()
+    # In the listener's order of preference (the order the statement lists them).
+    return {sop_class: [s for s in names if s in found] for sop_class, found in accepted.items()}
 
 
-def test_scp_sop_classes_are_the_ones_the_ae_accepts() -> None:
+def test_scp_sop_classes_are_the_ones_the_ae_accepts(
+    scp_contexts: dict[str, list[str]],
+) -> None:
     listed = set(column("scp-sop-classes", 1))
-    assert listed == set(scp_contexts())
+    assert listed == set(scp_contexts)
     assert listed == {*receiver.SUPPORTED_SOP_CLASSES, str(Verification)}
 
 
-def test_scp_transfer_syntaxes_are_the_ones_the_ae_accepts() -> None:
+def test_scp_transfer_syntaxes_are_the_ones_the_ae_accepts(
+    scp_contexts: dict[str, list[str]],
+) -> None:
     always = column("scp-transfer-syntaxes", 1)
     compressed = column("scp-compressed-transfer-syntaxes", 1)
     accepted = [str(s) for s in receiver.SUPPORTED_TRANSFER_SYNTAXES]
@@ -99,7 +137,7 @@ def test_scp_transfer_syntaxes_are_the_ones_the_ae_accepts() -> None:
     # The test environment installs the decoders extra: every listed syntax is offered.
     assert set(accepted) == set(always) | set(compressed)
     for sop_class in receiver.SUPPORTED_SOP_CLASSES:
-        assert scp_contexts()[sop_class] == accepted
+        assert scp_contexts[sop_class] == accepted
 
 
 def test_scp_association_policies_are_the_defaults() -> None:
@@ -109,10 +147,13 @@ def test_scp_association_policies_are_the_defaults() -> None:
     assert int(code(rows["simultaneous associations"][1])) == defaults.max_associations
     assert int(code(rows["maximum PDU received"][1])) == defaults.max_pdu
     assert float(code(rows["ARTIM (association request) timeout, s"][1])) == defaults.acse_timeout_s
-    assert code(rows["Implementation Class UID"][1]) == PYNETDICOM_IMPLEMENTATION_UID
-    assert code(rows["Implementation Version Name"][1]) == PYNETDICOM_IMPLEMENTATION_VERSION
-    built = AE()
-    assert built.implementation_class_uid == PYNETDICOM_IMPLEMENTATION_UID
+    assert code(rows["Implementation Class UID"][1]) == IMPLEMENTATION_CLASS_UID
+    assert code(rows["Implementation Version Name"][1]) == IMPLEMENTATION_VERSION
+    assert float(code(rows["idle association timeout, s"][1])) == defaults.network_timeout_s
+    # As SCU (sending results, C-FIND) the node is pynetdicom.
+    assert code(rows["Implementation Class UID (SCU)"][1]) == PYNETDICOM_IMPLEMENTATION_UID
+    assert code(rows["Implementation Version Name (SCU)"][1]) == PYNETDICOM_IMPLEMENTATION_VERSION
+    assert AE().implementation_class_uid == PYNETDICOM_IMPLEMENTATION_UID
 
 
 def test_scp_statuses_are_the_receivers() -> None:

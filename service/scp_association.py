@@ -1,0 +1,116 @@
+"""One association's state on the Storage SCP, and a C-STORE's object as it arrives."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.spool_write import write_all
+from service.ul_pdu import Command, abort_pdu
+
+__all__ = ["SPILL_BYTES", "Association", "AssociationInfo", "Message", "await_close"]
+
+#: A dataset larger than this is collected in a file in the spool's ``.incoming`` folder
+#: instead of memory (an Enhanced CT of hundreds of frames).
+SPILL_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class AssociationInfo:
+    """An open association, as :attr:`StorageSCP.associations` lists it."""
+
+    id: int
+    calling_ae: str
+    address: str
+    established: bool
+
+
+class Association:
+    """One connection's thread state."""
+
+    def __init__(self, sock: socket.socket, address: str, key: int) -> None:
+        self.sock = sock
+        self.address = address
+        self.id = key
+        self.calling_ae = ""
+        self.established = False
+        self.released = False
+        self.ended = False
+        self.send_lock = threading.Lock()
+        self.contexts: dict[int, tuple[str, str]] = {}
+        self.peer_max_pdu = 0
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def abort(self) -> None:
+        """Send an A-ABORT and close the connection (from any thread)."""
+        with contextlib.suppress(OSError):
+            self.send(abort_pdu())
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class Message:
+    """A C-STORE's Part 10 object as its fragments arrive: in memory, or in a file once large."""
+
+    def __init__(self, context_id: int, command: Command, meta: bytes, spool_dir: Path) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.parts: list[bytes | memoryview] = [meta]
+        self.size = len(meta)
+        self.spool_dir = spool_dir
+        self.spill: tuple[int, Path] | None = None
+
+    def add(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        if self.spill is not None:
+            write_all(self.spill[0], fragment)
+            return
+        self.parts.append(fragment)
+        if self.size > SPILL_BYTES:
+            folder = self.spool_dir / ".incoming"
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".spill-", suffix=".part")
+            self.spill = (fd, Path(name))
+            for part in self.parts:
+                write_all(fd, part)
+            self.parts = []
+
+    def data(self) -> bytes:
+        """The whole object, when it stayed in memory."""
+        return b"".join(self.parts)
+
+    def spilled(self) -> Path | None:
+        """The file the object was collected in (closed), or ``None``."""
+        if self.spill is None:
+            return None
+        fd, path = self.spill
+        os.close(fd)
+        self.spill = None
+        self.parts = []
+        return path
+
+    def close(self) -> None:
+        self.parts = []
+        if self.spill is not None:
+            fd, path = self.spill
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            self.spill = None
+
+
+def await_close(sock: socket.socket, timeout: float) -> None:
+    """After an A-RELEASE-RP or A-ASSOCIATE-RJ, let the requestor close (PS3.8 §9.1.5)."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(4096):
+            pass
+    except (OSError, TimeoutError):
+        pass
