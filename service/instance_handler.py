@@ -285,6 +285,7 @@ class InstanceHandler:
         requested_class: str,
         requested_instance: str,
         recorder: InstanceRecorder | None = None,
+        sha256: str | None = None,
     ) -> StoreResult:
         """Spool one C-STORE's dataset, received into memory as a Part 10 file.
 
@@ -307,7 +308,7 @@ class InstanceHandler:
         )
         if isinstance(checked, StoreResult):
             return checked
-        return self._spool_and_record(checked, data, caller, connection, recorder)
+        return self._spool_and_record(checked, data, caller, connection, recorder, sha256)
 
     def _check(
         self,
@@ -413,6 +414,7 @@ class InstanceHandler:
         caller: str,
         connection: int,
         recorder: InstanceRecorder | None,
+        sha256: str | None = None,
     ) -> StoreResult:
         header = checked.header
         try:
@@ -423,6 +425,7 @@ class InstanceHandler:
                 checked.series_uid,
                 header.sop_instance_uid,
                 prefix=checked.prefix,
+                sha256=sha256 if not checked.prefix else None,
             )
         except OSError as exc:
             logger.error("sop %s: spool write failed: %s", header.sop_instance_uid, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import tempfile
@@ -64,12 +65,14 @@ class Message:
         self.context_id = context_id
         self.command = command
         self.parts: list[bytes | memoryview] = [meta]
+        self.digest = hashlib.sha256(meta)  # fed as fragments arrive (the spool name's hash)
         self.size = len(meta)
         self.spool_dir = spool_dir
         self.spill: tuple[int, Path] | None = None
 
     def add(self, fragment: memoryview) -> None:
         self.size += len(fragment)
+        self.digest.update(fragment)
         if self.spill is not None:
             write_all(self.spill[0], fragment)
             return

@@ -38,6 +38,7 @@ def spool_write(
     sop_uid: str,
     *,
     prefix: bytes = b"",
+    sha256: str | None = None,
 ) -> tuple[Path, int, str]:
     """Write `prefix` + `source` (bytes, or a file's content) into the spool durably;
     return its path, size and SHA-256.
@@ -49,6 +50,8 @@ def spool_write(
     a file that is not recorded and fails the completeness check, so
     :func:`service.spool_recovery.recover_spool` removes it; a resend writes it again.
     An identical resend finds the file complete and only makes sure it is durable.
+    `sha256` is the hash of `prefix` + `source` when the caller computed it while the bytes
+    arrived (the Storage SCP hashes each fragment as it comes).
     """
     directory = spool_dir / study_uid / series_uid
     created = not directory.is_dir()
@@ -62,8 +65,11 @@ def spool_write(
                 digest.update(chunk)
     else:
         size = len(prefix) + len(source)
-        digest.update(source)
-    hexdigest = digest.hexdigest()
+        if sha256 is None:
+            digest.update(source)
+    hexdigest = (
+        sha256 if sha256 is not None and not isinstance(source, Path) else digest.hexdigest()
+    )
     final = directory / f"{sop_uid}.{hexdigest[:16]}.dcm"
 
     def write(fd: int) -> None:

@@ -454,6 +454,7 @@ class StorageSCP:
                     requested_class=command.affected_sop_class,
                     requested_instance=command.affected_sop_instance,
                     recorder=self.recorder,
+                    sha256=message.digest.hexdigest(),
                 ).status
             else:
                 try:

@@ -80,11 +80,22 @@ class ConnectionClosed(ProtocolError):
     """The peer closed the connection (between PDUs or in the middle of one)."""
 
 
+#: Linux's TCP_QUICKACK (12): acknowledge at once instead of up to 40 ms later.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
     while got < size:
+        if _QUICKACK is not None:
+            # A sender with Nagle's algorithm on (DCMTK by default, pynetdicom) holds the
+            # rest of a message until its first segment is acknowledged, and the receiver
+            # delays that ACK (up to 40 ms) while it has nothing to answer yet: one stall
+            # per instance. Quick ACKs are re-armed before every read (the kernel drops
+            # the mode by itself).
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
             raise ConnectionClosed("connection closed by the peer")
