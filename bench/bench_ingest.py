@@ -275,7 +275,14 @@ class NodeListener:
     """The node (job store, listener, assembler, one worker doing nothing), fresh each time."""
 
     work: Path
-    name: str = "UniCT Node"
+    processes: int = 1
+    """``dicom.listener_processes``."""
+
+    @property
+    def name(self) -> str:
+        if self.processes == 1:
+            return "UniCT Node"
+        return f"UniCT Node, {self.processes} listener processes"
 
     @contextlib.contextmanager
     def measurement(self, mode: str, senders: int) -> Iterator[Target]:
@@ -290,6 +297,7 @@ class NodeListener:
                 "bind_address": "127.0.0.1",
                 "allowed_callers": [SENDER_AET],
                 "max_associations": max(10, senders + 1),
+                "listener_processes": self.processes,
             },
             "assembly": {"poll_interval_s": 0.1},
             "storage": {
@@ -368,6 +376,8 @@ class Options:
     modes: tuple[str, ...] = MODES
     timeout_s: float = 600.0
     seed: int = 8800
+    listener_processes: tuple[int, ...] = (1, 2)
+    """The node once per value of ``dicom.listener_processes``."""
 
 
 def run(options: Options, work: Path) -> list[Measurement]:
@@ -382,6 +392,7 @@ def run(options: Options, work: Path) -> list[Measurement]:
     results: dict[tuple[str, str, int], Measurement] = {}
     with contextlib.ExitStack() as stack:
         receivers: list[Receiver] = [StoreSCP(work), NodeListener(work)]
+        receivers += [NodeListener(work, n) for n in options.listener_processes if n != 1]
         if options.orthanc:
             if ORTHANC.exists():
                 receivers.append(OrthancPeer(work, stack))
@@ -466,6 +477,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=600.0, help="limit of one send, seconds (600)"
     )
     parser.add_argument("--seed", type=int, default=8800)
+    parser.add_argument(
+        "--listener-processes",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="measure the node with each of these dicom.listener_processes (1 2)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 16:
         parser.error("--concurrency must be 1..16")
@@ -484,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         orthanc=not args.skip_orthanc,
         timeout_s=args.timeout,
         seed=args.seed,
+        listener_processes=tuple(args.listener_processes),
     )
     import pynetdicom
 

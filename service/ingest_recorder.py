@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.instance_handler import AssociationListener, SeriesRef
-from service.metrics import NodeMetrics
 from service.store import JobStore, ReceivedInstance
 
 __all__ = ["BatchRecorder"]
@@ -63,6 +62,9 @@ class BatchRecorder:
         Told about recorded instances and ended associations, in order (the assembler).
     max_batch
         Most instances in one transaction.
+    linger_s
+        How long the first queued instance waits for others to join its batch (a flush,
+        an association's release, ends the wait).
     retry_s
         First wait after a failed batch (doubled up to 5 s).
     """
@@ -72,20 +74,21 @@ class BatchRecorder:
         store: JobStore,
         listener: AssociationListener | None = None,
         *,
-        metrics: NodeMetrics | None = None,
         max_batch: int = 128,
+        linger_s: float = 0.05,
         retry_s: float = 0.2,
     ) -> None:
         self.store = store
         self.listener = listener
-        self.metrics = metrics
         self.max_batch = max_batch
+        self.linger_s = linger_s
         self.retry_s = retry_s
         self._queue: deque[_Received | _Ended] = deque()
         self._cond = threading.Condition()
         self._submitted = 0
         self._done = 0
         self._stopping = False
+        self._flushing = 0
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ producer side
@@ -109,11 +112,16 @@ class BatchRecorder:
         deadline = time.monotonic() + timeout
         with self._cond:
             target = self._submitted
-            while self._done < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or not self._thread.is_alive():
-                    return self._done >= target
-                self._cond.wait(min(left, 0.5))
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                while self._done < target:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._thread is None or not self._thread.is_alive():
+                        return self._done >= target
+                    self._cond.wait(min(left, 0.5))
+            finally:
+                self._flushing -= 1
         return True
 
     @property
@@ -150,6 +158,18 @@ class BatchRecorder:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
+            # Let a batch gather: a commit per instance would cost more CPU than the
+            # receive path itself, and this thread's Python time is taken from the
+            # association threads (one interpreter lock). A flush or a full batch ends
+            # the wait at once.
+            deadline = time.monotonic() + self.linger_s
+            while (
+                len(self._queue) < self.max_batch
+                and not self._flushing
+                and not self._stopping
+                and (left := deadline - time.monotonic()) > 0
+            ):
+                self._cond.wait(left)
             batch: list[_Received | _Ended] = []
             while self._queue and len(batch) < self.max_batch:
                 batch.append(self._queue.popleft())

@@ -18,8 +18,11 @@ C-STOREs (by status) and rejected associations (by reason) are counted.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
+import threading
 from pathlib import Path
+from typing import Any
 
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
@@ -51,10 +54,17 @@ from service.instance_handler import (
     SeriesRef,
     StoreResult,
 )
+from service.listener_process import (
+    ID_BITS,
+    ChildSpec,
+    Forward,
+    ForwardedMetrics,
+    ListenerProcesses,
+)
 from service.metrics import NodeMetrics
 from service.spool_recovery import recover_spool
 from service.storage_scp import AssociationInfo, StorageSCP
-from service.store import JobStore
+from service.store import JobStore, RetryPolicy
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -143,7 +153,13 @@ class Receiver:
     metrics
         Where instances, bytes and refusals are counted (none when ``None``).
     reuse_port
-        Listen with ``SO_REUSEPORT``, so that several node processes share the port.
+        Listen with ``SO_REUSEPORT``, so that several node processes share the port (also
+        when ``dicom.listener_processes`` starts more).
+    first_association_id
+        Association ids count up from here (a child listener process's range).
+    recover
+        Record acknowledged but unrecorded spool files at start (the parent does it
+        before child listener processes start).
     """
 
     def __init__(
@@ -155,6 +171,8 @@ class Receiver:
         listener: AssociationListener | None = None,
         metrics: NodeMetrics | None = None,
         reuse_port: bool = False,
+        first_association_id: int = 0,
+        recover: bool = True,
     ) -> None:
         self.dicom = dicom
         self.metrics = metrics
@@ -169,7 +187,10 @@ class Receiver:
             metrics=metrics,
             transfer_syntaxes=SUPPORTED_TRANSFER_SYNTAXES,
         )
-        self.reuse_port = reuse_port
+        self.reuse_port = reuse_port or dicom.listener_processes > 1
+        self.first_association_id = first_association_id
+        self.recover = recover
+        self._children: ListenerProcesses | None = None
         self._scp: StorageSCP | None = None
         self._recorder: BatchRecorder | None = None
 
@@ -186,7 +207,8 @@ class Receiver:
         if self._scp is not None:
             raise RuntimeError("the receiver is already running")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        recover_spool(self.spool_dir, self.store, self._handler)
+        if self.recover:
+            recover_spool(self.spool_dir, self.store, self._handler)
         ssl_context = make_ssl_context(self.dicom.tls) if self.dicom.tls.enabled else None
         recorder = BatchRecorder(self.store, self.listener)
         recorder.start()
@@ -204,6 +226,7 @@ class Receiver:
             ssl_context=ssl_context,
             metrics=self.metrics,
             on_refused=self._count_refused,
+            first_association_id=self.first_association_id,
         )
         try:
             scp.start((self.dicom.bind_address, self.dicom.port), reuse_port=self.reuse_port)
@@ -211,6 +234,22 @@ class Receiver:
             recorder.stop()
             raise
         self._scp, self._recorder = scp, recorder
+        if self.dicom.listener_processes > 1:
+            children = ListenerProcesses(
+                self.dicom.listener_processes - 1,
+                self.dicom,
+                self.storage,
+                self.store.engine.url.render_as_string(hide_password=False),
+                listener=self.listener,
+                metrics=self.metrics,
+                child_main=serve_child_listener,
+            )
+            try:
+                children.start(self.port)
+            except BaseException:
+                self.stop()
+                raise
+            self._children = children
         logger.info(
             "DICOM listener %s on %s:%d%s",
             self.dicom.ae_title,
@@ -225,6 +264,9 @@ class Receiver:
         scp, self._scp = self._scp, None
         if scp is None:
             return
+        if self._children is not None:
+            self._children.stop()
+            self._children = None
         scp.stop(grace)
         if self._recorder is not None:
             self._recorder.stop()
@@ -251,7 +293,11 @@ class Receiver:
     @property
     def is_bound(self) -> bool:
         """Whether the listening socket is open and its accepting thread alive."""
-        return self._scp is not None and self._scp.is_bound
+        return (
+            self._scp is not None
+            and self._scp.is_bound
+            and (self._children is None or self._children.alive)
+        )
 
     def _count_refused(self, status: int) -> None:
         if self.metrics is not None:
@@ -302,3 +348,41 @@ class Receiver:
         if status != STATUS_SUCCESS and self.metrics is not None:
             self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
         return status
+
+
+def serve_child_listener(spec: ChildSpec, events: Any, ready: Any, stop: Any) -> None:
+    """A child listener process (:mod:`service.listener_process`): serve until `stop` is set."""
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s listener-{spec.index} %(levelname)s %(name)s: %(message)s",
+    )
+    store = JobStore(spec.database_url, retry=RetryPolicy())
+    dicom = spec.dicom.model_copy(update={"port": spec.port, "listener_processes": 1})
+    receiver = Receiver(
+        dicom,
+        spec.storage,
+        store,
+        listener=Forward(events),
+        metrics=ForwardedMetrics(events),  # type: ignore[arg-type]
+        reuse_port=True,
+        first_association_id=spec.index << ID_BITS,
+        recover=False,
+    )
+    receiver.start()
+    ready.set()
+    parent = os.getppid()
+
+    def watch_parent() -> None:
+        # A parent killed (kill -9, OOM) leaves no one to stop this process: it goes too,
+        # like the parent, and what its recorder had queued is recovered at the next start.
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    try:
+        stop.wait()
+    finally:
+        receiver.stop()
+        store.close()
+        events.put(("stopped", spec.index, None))

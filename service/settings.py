@@ -119,6 +119,9 @@ class DicomSettings(_Section):
     the ARTIM timer (PS3.8 §9.1.5); also the TLS handshake's limit."""
     network_timeout_s: float = Field(default=60.0, gt=0)
     """An established association with no PDU for this long is aborted."""
+    listener_processes: int = Field(default=1, ge=1, le=64)
+    """Processes accepting associations on the port (``SO_REUSEPORT``); more than one lets
+    concurrent senders use more than one core (:mod:`service.listener_process`)."""
     tls: TlsSettings = TlsSettings()
 
     @field_validator("allowed_callers")

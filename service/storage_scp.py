@@ -129,6 +129,7 @@ class StorageSCP:
         ssl_context: ssl.SSLContext | None = None,
         metrics: NodeMetrics | None = None,
         on_refused: Callable[[int], None] | None = None,
+        first_association_id: int = 0,
     ) -> None:
         self.handler = handler
         self.recorder = recorder
@@ -152,7 +153,7 @@ class StorageSCP:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._open: dict[int, tuple[Association, threading.Thread]] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_association_id + 1)
 
     # ------------------------------------------------------------ lifecycle
 
