@@ -7,7 +7,9 @@ power) between the two leaves a complete file without a row. Before the listener
 which it knows, and records the others through the same checks as a received instance
 (the calling AE title is the file meta's Source Application Entity Title, which the SCP
 writes). A file that fails the checks was cut short by the crash before its success went
-back: it is removed, and the sender resends it.
+back (the sender resends it, and an identical resend rewrites it under the same name), or
+is being written right now by another receiver sharing the spool: it is left alone and
+goes with its study's folder (retention).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class RecoveryReport:
 
     recorded: int
     """Complete files without a row, now recorded."""
-    removed: int
-    """Files cut short by a crash (never acknowledged), removed."""
+    incomplete: int
+    """Files cut short (never acknowledged) or still being written, left alone."""
 
 
 def _source_ae(path: Path) -> str:
@@ -45,12 +47,12 @@ def _source_ae(path: Path) -> str:
 
 
 def recover_spool(spool_dir: Path, store: JobStore, handler: InstanceHandler) -> RecoveryReport:
-    """Record the spool's unrecorded complete files; remove the incomplete ones."""
+    """Record the spool's unrecorded complete files."""
     files = sorted(spool_dir.glob("*/*/*.dcm"))
     if not files:
         return RecoveryReport(0, 0)
     known = store.recorded_paths(files)
-    recorded = removed = 0
+    recorded = incomplete = 0
     for path in files:
         if path in known:
             continue
@@ -59,16 +61,15 @@ def recover_spool(spool_dir: Path, store: JobStore, handler: InstanceHandler) ->
             recorded += 1
             logger.warning("spool recovery: sop %s recorded", result.sop_instance_uid)
         else:
-            path.unlink(missing_ok=True)
-            removed += 1
-            logger.warning("spool recovery: %s removed (%s)", path.name, result.reason)
+            incomplete += 1
+            logger.warning("spool recovery: %s not recorded (%s)", path.name, result.reason)
     if recorded and handler.listener is not None:
         # Nothing is still delivering these series: the quiet period may close them.
         handler.listener.association_ended(0, released=False)
-    if recorded or removed:
+    if recorded or incomplete:
         logger.warning(
-            "spool recovery: %d acknowledged instances recorded, %d incomplete files removed",
+            "spool recovery: %d acknowledged instances recorded, %d incomplete files left",
             recorded,
-            removed,
+            incomplete,
         )
-    return RecoveryReport(recorded, removed)
+    return RecoveryReport(recorded, incomplete)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["fsync_dir", "spool_write", "write_all"]
@@ -48,8 +49,9 @@ def spool_write(
     the file is written under its final name (no temporary name and rename: a rename
     costs a second journal commit, about 1 ms per instance). A crash mid-write leaves
     a file that is not recorded and fails the completeness check, so
-    :func:`service.spool_recovery.recover_spool` removes it; a resend writes it again.
-    An identical resend finds the file complete and only makes sure it is durable.
+    :func:`service.spool_recovery.recover_spool` leaves it; a resend writes it again.
+    An identical resend finds the file complete and only makes sure it is durable; a file
+    of another size under the name is replaced whole (temporary name and rename).
     `sha256` is the hash of `prefix` + `source` when the caller computed it while the bytes
     arrived (the Storage SCP hashes each fragment as it comes).
     """
@@ -86,15 +88,25 @@ def spool_write(
     try:
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
-        fd = os.open(final, os.O_WRONLY)
-        try:
-            if os.fstat(fd).st_size != size:  # left over from a crash mid-write
-                os.ftruncate(fd, 0)
-                write(fd)
-            else:
+        if final.stat().st_size == size:  # an identical resend: make sure it is durable
+            fd = os.open(final, os.O_RDONLY)
+            try:
                 os.fsync(fd)
-        finally:
+            finally:
+                os.close(fd)
+        else:
+            # Left over from a crash mid-write, or being written by another association
+            # right now: replace it whole (temporary name, rename), never rewrite it in
+            # place under a writer that may already have answered success.
+            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{sop_uid}.", suffix=".part")
+            try:
+                write(fd)
+            except BaseException:
+                os.close(fd)
+                Path(tmp_name).unlink(missing_ok=True)
+                raise
             os.close(fd)
+            os.replace(tmp_name, final)
     else:
         try:
             write(fd)

@@ -3,7 +3,7 @@
 The body (``multipart/related; type="application/dicom"``) is read as it arrives; each
 part is written to a temporary file in the spool and, as soon as it is complete, goes
 through :meth:`Receiver.store_file <service.receiver.Receiver.store_file>`: the C-STORE
-path, with its durability (``fsync`` and rename before success), spool floor, SOP class
+path, with its durability (file and folder ``fsync``-ed before success), spool floor, SOP class
 and transfer syntax checks, job store record and assembler notice. A request is to the
 assembler what an association is: when its body has been read to the closing delimiter
 it "releases", and a series whose expected count (Images in Acquisition, or the C-FIND

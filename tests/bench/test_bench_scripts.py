@@ -20,7 +20,15 @@ needs_dcmtk = pytest.mark.skipif(not DCMTK, reason="DCMTK not installed (apt-get
 
 
 @pytest.mark.parametrize(
-    "name", ["bench_ingest", "bench_encode", "bench_memory", "bench_distributed", "bench_stow"]
+    "name",
+    [
+        "bench_ingest",
+        "bench_encode",
+        "bench_memory",
+        "bench_distributed",
+        "bench_stow",
+        "profile_ingest",
+    ],
 )
 def test_help(name: str) -> None:
     """``python -m bench.NAME --help`` prints the usage and the description."""
@@ -39,7 +47,8 @@ def test_help(name: str) -> None:
 @needs_dcmtk
 @pytest.mark.network
 def test_ingest_table_from_a_tiny_run(tmp_path: Path) -> None:
-    """Three 16x16 instances to storescp and the node, one sender then two at once."""
+    """Three 16x16 instances to storescp and the node (one and two listener processes), one
+    sender then two at once."""
     from bench.bench_ingest import Options, run, table
 
     options = Options(slices=3, size=16, repeats=1, concurrency=2, orthanc=False, modes=("fast",))
@@ -47,8 +56,10 @@ def test_ingest_table_from_a_tiny_run(tmp_path: Path) -> None:
     assert {(m.receiver, m.senders) for m in results} == {
         ("DCMTK storescp", 1),
         ("UniCT Node", 1),
+        ("UniCT Node, 2 listener processes", 1),
         ("DCMTK storescp", 2),
         ("UniCT Node", 2),
+        ("UniCT Node, 2 listener processes", 2),
     }
     assert all(m.instances == 3 * m.senders and m.seconds for m in results)
     lines = table(results).splitlines()
