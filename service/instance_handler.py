@@ -40,6 +40,7 @@ from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.config import StorageSettings
+from service.header_scan import scan_header
 from service.metrics import NodeMetrics
 from service.selection import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, InstanceHeader
 from service.spool_write import spool_write
@@ -136,7 +137,7 @@ def _incomplete(ds: Dataset, size: int) -> str | None:
     """
     if "PixelData" not in ds:
         return "no Pixel Data (missing, or cut before its end)"
-    pixels = ds.get_item(0x7FE00010)
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True)  # its length, not its value
     if isinstance(pixels, RawDataElement) and pixels.length != _UNDEFINED_LENGTH:
         # Native (uncompressed) pixel data must hold every frame (PS3.5 §8.1.1).
         try:
@@ -148,7 +149,8 @@ def _incomplete(ds: Dataset, size: int) -> str | None:
             return "Rows, Columns or BitsAllocated missing or invalid"
         if pixels.length < needed:
             return f"Pixel Data has {pixels.length} bytes, the image needs {needed}"
-    for element in ds.elements():
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts its elements)
+        element = ds.get_item(tag, keep_deferred=True)
         if not isinstance(element, RawDataElement) or element.length == _UNDEFINED_LENGTH:
             continue
         if element.value_tell + element.length > size:
@@ -298,6 +300,9 @@ class InstanceHandler:
             return StoreResult(
                 STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {requested_class} not supported"
             )
+        # A CT Image in a Little Endian syntax with native pixels: its header is scanned
+        # without building the whole dataset; anything else is read by pydicom.
+        scanned = scan_header(data) if requested_class == CT_IMAGE_STORAGE else None
         checked = self._check(
             io.BytesIO(data),
             len(data),
@@ -305,6 +310,7 @@ class InstanceHandler:
             requested_class=requested_class,
             requested_instance=requested_instance,
             study_uid=None,
+            scanned=None if scanned is None else scanned.dataset,
         )
         if isinstance(checked, StoreResult):
             return checked
@@ -319,8 +325,13 @@ class InstanceHandler:
         requested_class: str | None,
         requested_instance: str | None,
         study_uid: str | None,
+        scanned: Dataset | None = None,
     ) -> _Checked | StoreResult:
-        """The checks before anything is written: spool floor, decodable, complete, UIDs."""
+        """The checks before anything is written: spool floor, decodable, complete, UIDs.
+
+        `scanned` is the header already read by :func:`service.header_scan.scan_header`
+        (the C-STORE hot path); without it the file is read with pydicom.
+        """
         prefix = b""
 
         def refused(
@@ -344,7 +355,7 @@ class InstanceHandler:
 
         try:
             try:
-                ds = dcmread(source, defer_size=_DEFER_BYTES)
+                ds = scanned if scanned is not None else dcmread(source, defer_size=_DEFER_BYTES)
             except InvalidDicomError:
                 # File meta without the 128-byte preamble and "DICM" (pydicom 3 writes such
                 # files unless asked for the file format; dicomweb-client sends them): read
