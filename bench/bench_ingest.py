@@ -376,7 +376,7 @@ class Options:
     modes: tuple[str, ...] = MODES
     timeout_s: float = 600.0
     seed: int = 8800
-    listener_processes: tuple[int, ...] = (1, 2)
+    listener_processes: tuple[int, ...] = (1, 4)
     """The node once per value of ``dicom.listener_processes``."""
 
 
@@ -481,8 +481,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--listener-processes",
         type=int,
         nargs="+",
-        default=[1, 2],
-        help="measure the node with each of these dicom.listener_processes (1 2)",
+        default=[1, 4],
+        help="measure the node with each of these dicom.listener_processes (1 4)",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.concurrency <= 16:

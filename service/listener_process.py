@@ -3,15 +3,17 @@
 One Python process runs one association's Python code at a time (the interpreter lock);
 with several senders at once the receive path is bound by it (``BENCHMARKS.md``, issue 18).
 With ``dicom.listener_processes`` above 1, the receiver starts that many minus one extra
-processes (``spawn``), each with its own Storage SCP bound to the same port with
-``SO_REUSEPORT`` (the kernel spreads new connections over the sockets), its own handler
-and batch recorder on the same job store and spool. The job store serialises their writes
+processes (``spawn``), each with its own Storage SCP, handler and batch recorder on the
+same job store and spool. The receiver's process accepts every connection and passes it
+(the socket itself, ``SCM_RIGHTS`` over a pipe) to the process serving the fewest
+connections, itself included: the kernel's ``SO_REUSEPORT`` hash gave two processes a
+3/1 split of four senders half the time. The job store serialises their writes
 (SQLite's write lock, PostgreSQL's row locks), so a series whose instances come on
 associations served by different processes is still one series version with one job.
 
 What a child process learns that the parent must know travels back on one queue, in order
 per child: instances recorded and associations ended (for the assembler, which runs in the
-parent), and the counters of the metrics endpoint. Association ids carry the child's
+parent), connections closed (for the balance), and the counters of the metrics endpoint. Association ids carry the child's
 index in their high bits, so they never collide with the parent's.
 """
 
@@ -20,11 +22,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
+from multiprocessing.reduction import send_handle
 from typing import Any
 
 from service.config import DicomSettings, StorageSettings
@@ -114,7 +118,7 @@ class ListenerProcesses:
         *,
         listener: AssociationListener | None,
         metrics: NodeMetrics | None,
-        child_main: Callable[[ChildSpec, Any, Any, Any], None],
+        child_main: Callable[[ChildSpec, Any, Any, Any, Any], None],
     ) -> None:
         self.child_main = child_main
         self.count = count
@@ -127,8 +131,10 @@ class ListenerProcesses:
         self._events: Any = self._context.Queue()
         self._stop: multiprocessing.synchronize.Event = self._context.Event()
         self._processes: list[SpawnProcess] = []
+        self._pipes: list[Any] = []
+        self._loads: list[int] = []  # connections passed to each child and not yet closed
+        self._loads_lock = threading.Lock()
         self._pump: threading.Thread | None = None
-        self._stopped = 0
 
     def start(self, port: int) -> None:
         """Start the children on `port` and wait until each is listening."""
@@ -145,14 +151,18 @@ class ListenerProcesses:
                 port,
                 logging.getLogger().getEffectiveLevel(),
             )
+            ours, theirs = self._context.Pipe()
             process = self._context.Process(
                 target=self.child_main,
-                args=(spec, self._events, ready, self._stop),
+                args=(spec, self._events, ready, self._stop, theirs),
                 name=f"unict-listener-{index}",
                 daemon=True,
             )
             process.start()
+            theirs.close()
             self._processes.append(process)
+            self._pipes.append(ours)
+            self._loads.append(0)
             readies.append(ready)
         deadline = time.monotonic() + _START_TIMEOUT_S
         for index, (ready, process) in enumerate(zip(readies, self._processes, strict=True), 1):
@@ -162,7 +172,30 @@ class ListenerProcesses:
                     raise RuntimeError(
                         f"listener process {index} did not start (exit code {process.exitcode})"
                     )
-        logger.info("%d more listener processes on port %d", self.count, port)
+        logger.info("%d more listener processes for port %d", self.count, port)
+
+    def open_connections(self) -> int:
+        """Connections the children serve now."""
+        with self._loads_lock:
+            return sum(self._loads)
+
+    def dispatch(self, conn: socket.socket, own_load: int) -> bool:
+        """Pass `conn` to the child serving the fewest connections, if it serves fewer than
+        this process (`own_load`); ``False``: serve it here."""
+        with self._loads_lock:
+            if not self._loads:
+                return False
+            index = min(range(len(self._loads)), key=self._loads.__getitem__)
+            if self._loads[index] >= own_load or not self._processes[index].is_alive():
+                return False
+            self._loads[index] += 1
+        try:
+            send_handle(self._pipes[index], conn.fileno(), self._processes[index].pid)
+        except OSError:
+            with self._loads_lock:
+                self._loads[index] -= 1
+            raise
+        return True
 
     @property
     def alive(self) -> bool:
@@ -179,6 +212,9 @@ class ListenerProcesses:
                 process.kill()
                 process.join(5)
         self._processes = []
+        for pipe in self._pipes:
+            pipe.close()
+        self._pipes, self._loads = [], []
         if self._pump is not None:
             self._events.put(("done", 0, None))
             self._pump.join(timeout=10)
@@ -198,6 +234,10 @@ class ListenerProcesses:
                     self.listener.instance_received(event[1], event[2])
                 elif kind == "ended" and self.listener is not None:
                     self.listener.association_ended(event[1], released=bool(event[2]))
+                elif kind == "closed":
+                    with self._loads_lock:
+                        if event[1] - 1 < len(self._loads):
+                            self._loads[event[1] - 1] -= 1
                 elif kind == "metric" and self.metrics is not None:
                     _, name, label, amount = event
                     counter = getattr(self.metrics, name)

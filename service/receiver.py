@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
+from collections.abc import Callable
+from multiprocessing.reduction import recv_handle
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +156,17 @@ class Receiver:
     metrics
         Where instances, bytes and refusals are counted (none when ``None``).
     reuse_port
-        Listen with ``SO_REUSEPORT``, so that several node processes share the port (also
-        when ``dicom.listener_processes`` starts more).
+        Listen with ``SO_REUSEPORT``, so that several node processes share the port.
     first_association_id
         Association ids count up from here (a child listener process's range).
     recover
         Record acknowledged but unrecorded spool files at start (the parent does it
         before child listener processes start).
+    listen
+        Bind the port (``False`` in a child listener process: its connections come from
+        :meth:`serve_connection`).
+    on_closed
+        Called when a connection served here ends (a child's balance report).
     """
 
     def __init__(
@@ -173,6 +180,8 @@ class Receiver:
         reuse_port: bool = False,
         first_association_id: int = 0,
         recover: bool = True,
+        listen: bool = True,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.dicom = dicom
         self.metrics = metrics
@@ -187,9 +196,11 @@ class Receiver:
             metrics=metrics,
             transfer_syntaxes=SUPPORTED_TRANSFER_SYNTAXES,
         )
-        self.reuse_port = reuse_port or dicom.listener_processes > 1
+        self.reuse_port = reuse_port
         self.first_association_id = first_association_id
         self.recover = recover
+        self.listen = listen
+        self.on_closed = on_closed
         self._children: ListenerProcesses | None = None
         self._scp: StorageSCP | None = None
         self._recorder: BatchRecorder | None = None
@@ -227,9 +238,11 @@ class Receiver:
             metrics=self.metrics,
             on_refused=self._count_refused,
             first_association_id=self.first_association_id,
+            on_closed=self.on_closed,
         )
+        address = (self.dicom.bind_address, self.dicom.port) if self.listen else None
         try:
-            scp.start((self.dicom.bind_address, self.dicom.port), reuse_port=self.reuse_port)
+            scp.start(address, reuse_port=self.reuse_port)
         except OSError:
             recorder.stop()
             raise
@@ -250,6 +263,10 @@ class Receiver:
                 self.stop()
                 raise
             self._children = children
+            scp.open_elsewhere = children.open_connections
+            scp.dispatch = lambda conn: children.dispatch(conn, scp.open_count)
+        if not self.listen:
+            return
         logger.info(
             "DICOM listener %s on %s:%d%s",
             self.dicom.ae_title,
@@ -272,6 +289,13 @@ class Receiver:
             self._recorder.stop()
             self._recorder = None
         logger.info("DICOM listener stopped")
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """Serve a connection another process accepted (a child listener process)."""
+        if self._scp is None:
+            conn.close()
+            return
+        self._scp.serve_connection(conn)
 
     @property
     def associations(self) -> list[AssociationInfo]:
@@ -350,8 +374,11 @@ class Receiver:
         return status
 
 
-def serve_child_listener(spec: ChildSpec, events: Any, ready: Any, stop: Any) -> None:
-    """A child listener process (:mod:`service.listener_process`): serve until `stop` is set."""
+def serve_child_listener(
+    spec: ChildSpec, events: Any, ready: Any, stop: Any, connections: Any
+) -> None:
+    """A child listener process (:mod:`service.listener_process`): serve the connections the
+    receiver's process passes on `connections` until `stop` is set."""
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s listener-{spec.index} %(levelname)s %(name)s: %(message)s",
@@ -364,13 +391,21 @@ def serve_child_listener(spec: ChildSpec, events: Any, ready: Any, stop: Any) ->
         store,
         listener=Forward(events),
         metrics=ForwardedMetrics(events),  # type: ignore[arg-type]
-        reuse_port=True,
         first_association_id=spec.index << ID_BITS,
         recover=False,
+        listen=False,
+        on_closed=lambda: events.put(("closed", spec.index, None)),
     )
     receiver.start()
-    ready.set()
     parent = os.getppid()
+
+    def receive_connections() -> None:
+        while True:
+            try:
+                fd = recv_handle(connections)
+            except (EOFError, OSError):
+                return
+            receiver.serve_connection(socket.socket(fileno=fd))
 
     def watch_parent() -> None:
         # A parent killed (kill -9, OOM) leaves no one to stop this process: it goes too,
@@ -379,7 +414,9 @@ def serve_child_listener(spec: ChildSpec, events: Any, ready: Any, stop: Any) ->
             if os.getppid() != parent:
                 os._exit(1)
 
+    threading.Thread(target=receive_connections, name="connections", daemon=True).start()
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    ready.set()
     try:
         stop.wait()
     finally:

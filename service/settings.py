@@ -120,8 +120,9 @@ class DicomSettings(_Section):
     network_timeout_s: float = Field(default=60.0, gt=0)
     """An established association with no PDU for this long is aborted."""
     listener_processes: int = Field(default=1, ge=1, le=64)
-    """Processes accepting associations on the port (``SO_REUSEPORT``); more than one lets
-    concurrent senders use more than one core (:mod:`service.listener_process`)."""
+    """Processes serving associations: the node's process accepts each connection and
+    passes it to the least busy one, so that concurrent senders use more than one core
+    (:mod:`service.listener_process`); ``max_associations`` counts over all of them."""
     tls: TlsSettings = TlsSettings()
 
     @field_validator("allowed_callers")

@@ -47,12 +47,21 @@ from service.instance_handler import (
     InstanceHandler,
 )
 from service.metrics import NodeMetrics
-from service.scp_association import SPILL_BYTES, Association, AssociationInfo, Message, await_close
+from service.scp_association import (
+    SPILL_BYTES,
+    VERIFICATION,
+    Association,
+    AssociationInfo,
+    Message,
+    Refused,
+    admit,
+    await_close,
+    negotiate,
+)
 from service.ul_pdu import (
     A_ABORT,
     A_ASSOCIATE_RQ,
     A_RELEASE_RQ,
-    APPLICATION_CONTEXT,
     C_ECHO_RQ,
     C_ECHO_RSP,
     C_STORE_RQ,
@@ -78,18 +87,10 @@ __all__ = ["SPILL_BYTES", "VERIFICATION", "AssociationInfo", "StorageSCP"]
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION = "1.2.840.10008.1.1"
 
 #: Room for PDV headers beyond the announced maximum PDU length: DCMTK and pynetdicom both
 #: count the maximum as the PDV's size; some senders count it as the fragment's.
 _PDU_SLACK = 1024
-
-
-class _Refused(Exception):
-    def __init__(self, result: int, source: int, reason: int, label: str) -> None:
-        super().__init__(label)
-        self.rj = (result, source, reason)
-        self.label = label
 
 
 class StorageSCP:
@@ -130,6 +131,9 @@ class StorageSCP:
         metrics: NodeMetrics | None = None,
         on_refused: Callable[[int], None] | None = None,
         first_association_id: int = 0,
+        dispatch: Callable[[socket.socket], bool] | None = None,
+        open_elsewhere: Callable[[], int] | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self.handler = handler
         self.recorder = recorder
@@ -154,10 +158,13 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._open: dict[int, tuple[Association, threading.Thread]] = {}
         self._ids = itertools.count(first_association_id + 1)
+        self.dispatch = dispatch
+        self.open_elsewhere = open_elsewhere
+        self.on_closed = on_closed
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, address: tuple[str, int], *, reuse_port: bool = False) -> None:
+    def start(self, address: tuple[str, int] | None, *, reuse_port: bool = False) -> None:
         """Bind and listen at `address`; accept in a background thread.
 
         With `reuse_port`, several processes may listen on the same port (``SO_REUSEPORT``:
@@ -168,6 +175,9 @@ class StorageSCP:
         OSError
             The address cannot be bound.
         """
+        self._stopping.clear()
+        if address is None:  # a listener process: connections come from serve_connection
+            return
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -181,7 +191,6 @@ class StorageSCP:
             raise
         sock.settimeout(0.2)
         self._sock = sock
-        self._stopping.clear()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="StorageSCP-accept", daemon=True
         )
@@ -255,15 +264,40 @@ class StorageSCP:
                 logger.warning("accept failed: %s", exc)
                 time.sleep(0.05)
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            key = next(self._ids)
-            assoc = Association(conn, str(peer[0]), key)
-            thread = threading.Thread(
-                target=self._serve, args=(assoc,), name=f"StorageSCP-assoc-{key}", daemon=True
-            )
-            with self._lock:
-                self._open[key] = (assoc, thread)
-            thread.start()
+            try:
+                if self.dispatch is not None and self.dispatch(conn):
+                    conn.close()  # passed to another listener process, which has its copy
+                    continue
+            except OSError as exc:
+                logger.warning("connection not passed on, served here: %s", exc)
+            self.serve_connection(conn, str(peer[0]))
+
+    def serve_connection(self, conn: socket.socket, address: str | None = None) -> None:
+        """Serve an accepted connection (here, or passed from the accepting process)."""
+        if self._stopping.is_set():
+            conn.close()
+            return
+        if address is None:
+            try:
+                address = str(conn.getpeername()[0])
+            except OSError:
+                conn.close()
+                return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = next(self._ids)
+        assoc = Association(conn, address, key)
+        thread = threading.Thread(
+            target=self._serve, args=(assoc,), name=f"StorageSCP-assoc-{key}", daemon=True
+        )
+        with self._lock:
+            self._open[key] = (assoc, thread)
+        thread.start()
+
+    @property
+    def open_count(self) -> int:
+        """Connections served here now (associated or not)."""
+        with self._lock:
+            return len(self._open)
 
     def _refuse(self, label: str) -> None:
         if self.metrics is not None:
@@ -291,6 +325,8 @@ class StorageSCP:
             self._ended(assoc)
             with self._lock:
                 self._open.pop(assoc.id, None)
+            if self.on_closed is not None:
+                self.on_closed()
 
     def _ended(self, assoc: Association) -> None:
         if assoc.established and not assoc.ended:
@@ -308,7 +344,7 @@ class StorageSCP:
         assoc.calling_ae = request.calling_ae
         try:
             self._admit(assoc, request)
-        except _Refused as refused:
+        except Refused as refused:
             logger.warning(
                 "association from %s (%s) rejected: %s",
                 assoc.address,
@@ -320,50 +356,24 @@ class StorageSCP:
             await_close(assoc.sock, self.acse_timeout_s)
             return
         assoc.peer_max_pdu = request.max_pdu
-        assoc.send(associate_ac(request, self._negotiate(assoc, request), self.max_pdu))
+        results, assoc.contexts = negotiate(request, self.sop_classes, self.transfer_syntaxes)
+        assoc.send(associate_ac(request, results, self.max_pdu))
         assoc.established = True
         assoc.sock.settimeout(self.network_timeout_s)
         self._receive(assoc)
 
     def _admit(self, assoc: Association, request: AssociateRequest) -> None:
-        if self.hosts is not None:
-            try:
-                ip = ipaddress.ip_address(assoc.address)
-                allowed = any(ip in net for net in self.hosts)
-            except ValueError:
-                allowed = False
-            if not allowed:
-                raise _Refused(1, 1, 3, "host")
-        if not request.protocol_version & 1:
-            raise _Refused(1, 2, 2, "other")
-        if request.application_context != APPLICATION_CONTEXT:
-            raise _Refused(1, 1, 2, "other")
-        if self.allowed_callers is not None and request.calling_ae not in self.allowed_callers:
-            raise _Refused(1, 1, 3, "calling_ae")
         with self._lock:
             established = sum(1 for a, _ in self._open.values() if a.established)
-        if established >= self.max_associations:
-            raise _Refused(2, 3, 2, "busy")
-
-    def _negotiate(
-        self, assoc: Association, request: AssociateRequest
-    ) -> list[tuple[int, int, str]]:
-        results = []
-        for context in request.contexts:
-            if context.abstract_syntax == VERIFICATION:
-                offered: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-            elif context.abstract_syntax in self.sop_classes:
-                offered = self.transfer_syntaxes
-            else:
-                results.append((context.context_id, 3, ""))
-                continue
-            chosen = next((ts for ts in context.transfer_syntaxes if ts in offered), None)
-            if chosen is None:
-                results.append((context.context_id, 4, ""))
-                continue
-            assoc.contexts[context.context_id] = (context.abstract_syntax, chosen)
-            results.append((context.context_id, 0, chosen))
-        return results
+        if self.open_elsewhere is not None:  # the other listener processes' connections
+            established += self.open_elsewhere()
+        admit(
+            request,
+            assoc.address,
+            hosts=self.hosts,
+            allowed_callers=self.allowed_callers,
+            busy=established >= self.max_associations,
+        )
 
     def _receive(self, assoc: Association) -> None:
         limit = self.max_pdu + _PDU_SLACK if self.max_pdu else 0

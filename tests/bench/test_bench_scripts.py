@@ -47,7 +47,7 @@ def test_help(name: str) -> None:
 @needs_dcmtk
 @pytest.mark.network
 def test_ingest_table_from_a_tiny_run(tmp_path: Path) -> None:
-    """Three 16x16 instances to storescp and the node (one and two listener processes), one
+    """Three 16x16 instances to storescp and the node (one and four listener processes), one
     sender then two at once."""
     from bench.bench_ingest import Options, run, table
 
@@ -56,10 +56,10 @@ def test_ingest_table_from_a_tiny_run(tmp_path: Path) -> None:
     assert {(m.receiver, m.senders) for m in results} == {
         ("DCMTK storescp", 1),
         ("UniCT Node", 1),
-        ("UniCT Node, 2 listener processes", 1),
+        ("UniCT Node, 4 listener processes", 1),
         ("DCMTK storescp", 2),
         ("UniCT Node", 2),
-        ("UniCT Node, 2 listener processes", 2),
+        ("UniCT Node, 4 listener processes", 2),
     }
     assert all(m.instances == 3 * m.senders and m.seconds for m in results)
     lines = table(results).splitlines()

@@ -1,7 +1,8 @@
 """Several listener processes on one port (``dicom.listener_processes``, issue 18).
 
 One series is sent split over twelve associations at once, by twelve DCMTK ``storescu``
-processes; the kernel spreads them over the three listener processes (``SO_REUSEPORT``). The series is still one version with one job holding
+processes; the receiver's process passes each connection to the least busy of the three
+listener processes. The series is still one version with one job holding
 every instance once, the assembler in the parent heard of every association (whichever
 process served it), and the metrics of the children reach the parent's counters.
 """
@@ -60,7 +61,11 @@ def test_one_series_over_associations_served_by_three_processes(tmp_path: Path) 
     heard, metrics = Heard(), NodeMetrics(store)
     receiver = Receiver(
         DicomSettings(
-            ae_title=NODE_AE, port=0, allowed_callers=(CALLING_AE,), listener_processes=3
+            ae_title=NODE_AE,
+            port=0,
+            allowed_callers=(CALLING_AE,),
+            listener_processes=3,
+            max_associations=ASSOCIATIONS,  # the node's limit, over all its processes
         ),
         StorageSettings(spool_dir=tmp_path / "spool", min_free_mb=0),
         store,
