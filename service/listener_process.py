@@ -180,13 +180,14 @@ class ListenerProcesses:
             return sum(self._loads)
 
     def dispatch(self, conn: socket.socket, own_load: int) -> bool:
-        """Pass `conn` to the child serving the fewest connections, if it serves fewer than
-        this process (`own_load`); ``False``: serve it here."""
+        """Pass `conn` to the child serving the fewest connections, unless this process
+        (`own_load`) serves fewer still; ``False``: serve it here. Ties go to a child: the
+        receiver's process also runs the node's other threads (assembly, workers, HTTP)."""
         with self._loads_lock:
             if not self._loads:
                 return False
             index = min(range(len(self._loads)), key=self._loads.__getitem__)
-            if self._loads[index] >= own_load or not self._processes[index].is_alive():
+            if self._loads[index] > own_load or not self._processes[index].is_alive():
                 return False
             self._loads[index] += 1
         try:

@@ -286,12 +286,16 @@ OPENSSL = shutil.which("openssl")
 @pytest.mark.skipif(
     OPENSSL is None, reason="openssl not installed (needed to make a test certificate)"
 )
+@pytest.mark.parametrize("processes", [1, 2])
 def test_tls_listener(
     start_receiver: Callable[..., Receiver],
     sqlite_store: JobStore,
     ct_series: Callable[..., CTSeries],
     tmp_path: Path,
+    processes: int,
 ) -> None:
+    """TLS in the receiver's process, and (2) in a listener process the connection is
+    passed to (a tie goes to the child)."""
     cert, key = tmp_path / "node.pem", tmp_path / "node.key"
     subprocess.run(
         [
@@ -316,7 +320,9 @@ def test_tls_listener(
         capture_output=True,
         timeout=60,
     )
-    receiver = start_receiver(tls=TlsSettings(enabled=True, cert_file=cert, key_file=key))
+    receiver = start_receiver(
+        tls=TlsSettings(enabled=True, cert_file=cert, key_file=key), listener_processes=processes
+    )
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     assert scu_store(receiver.port, ct_series(2).datasets, ssl_context=client) == [0, 0]
     assert sqlite_store.list_jobs()[0].instance_count == 2
