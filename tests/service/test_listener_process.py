@@ -10,7 +10,9 @@ process served it), and the metrics of the children reach the parent's counters.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -127,3 +129,60 @@ def test_one_series_over_associations_served_by_three_processes(tmp_path: Path) 
     assert {ref.job_id for refs in heard.instances.values() for ref in refs} == {job.id}
     received = metrics.registry.get_sample_value("unict_instances_received_total")
     assert received == len(datasets)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from service.config import DicomSettings, StorageSettings
+from service.receiver import Receiver
+from service.store import JobStore, RetryPolicy
+
+if __name__ == "__main__":
+    store = JobStore(sys.argv[1], retry=RetryPolicy())
+    receiver = Receiver(
+        DicomSettings(ae_title="UNICT", port=0, allowed_callers=("STORESCU",), listener_processes=3),
+        StorageSettings(spool_dir=Path(sys.argv[2]), min_free_mb=0),
+        store,
+    )
+    receiver.start()
+    print(receiver.port, *(p.pid for p in receiver._children._processes), flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_listener_processes_go_when_the_node_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the receiver's process: its listener processes end too (no orphan keeps
+    serving without an assembler), and the port is free for the restart at once."""
+    url = f"sqlite:///{tmp_path / 'unict.db'}"
+    run_migrations(url)
+    script = tmp_path / "node.py"
+    script.write_text(CHILD)
+    with (tmp_path / "node.log").open("w") as log:  # the killed node's resource tracker talks
+        node = subprocess.Popen(
+            [sys.executable, str(script), url, str(tmp_path / "spool")],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+    assert node.stdout is not None
+    port, *children = map(int, node.stdout.readline().split())
+    node.stdout.close()
+    assert len(children) == 2 and all(Path(f"/proc/{pid}").exists() for pid in children)
+    node.kill()
+    node.wait(timeout=10)
+    assert wait_until(lambda: not any(_alive(pid) for pid in children), timeout=10)
+    with socket.socket() as probe:  # nothing listens any more: the restart can bind
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
