@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from service import pynetdicom_race
 from service.config import AssemblySettings, QueryPeer, SelectionSettings
 from service.instance_handler import SeriesRef
 from service.periodic import PeriodicThread
@@ -38,6 +39,8 @@ from service.store import JobRecord, JobStore, PendingSeries
 
 __all__ = ["Assembler", "CFindCounter", "SeriesCounter"]
 
+
+pynetdicom_race.install()
 logger = logging.getLogger(__name__)
 
 SeriesCounter = Callable[[PendingSeries], int | None]

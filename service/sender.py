@@ -31,11 +31,14 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from service import pynetdicom_race
 from service.config import Destination, DicomwebDestination, SenderSettings
 from service.errors import SendError
 
 __all__ = ["Output", "SendFailure", "SendResult", "Sender", "is_retryable_status", "is_stored"]
 
+
+pynetdicom_race.install()
 logger = logging.getLogger(__name__)
 
 Output = Dataset | Path

@@ -24,7 +24,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from service import pynetdicom_race
+
 POSTGRES_ENV = "UNICT_TEST_POSTGRES_URL"
+
+# The tests' own pynetdicom senders get the node's fix for pynetdicom's requestor race (a
+# fast response taken by the reactor thread and dropped; service/pynetdicom_race.py).
+pynetdicom_race.install()
 
 
 # --------------------------------------------------------------------------- helpers
