@@ -17,8 +17,9 @@ Statuses (PS3.4 Annex B.2.3, as pynetdicom names them):
 - ``0xC122`` transfer syntax not supported (STOW-RS only: a C-STORE arrives in a syntax the
   association accepted).
 
-:meth:`InstanceHandler.store_file` is the one ingest path: C-STORE (``__call__``) and
-STOW-RS (:mod:`service.dicomweb.stow`) both store through it.
+C-STORE (:meth:`InstanceHandler.store_received`, from :mod:`service.storage_scp`) and
+STOW-RS (:meth:`InstanceHandler.store_file`, from :mod:`service.dicomweb.stow`) go through
+the same checks (:meth:`InstanceHandler._check`) and the same durable spool write.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ import shutil
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import BinaryIO, Protocol
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.events import Event
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.config import StorageSettings
@@ -219,20 +218,6 @@ class InstanceHandler:
         self.spool_dir = storage.spool_dir
         self.transfer_syntaxes = frozenset(str(s) for s in transfer_syntaxes)
 
-    def __call__(self, event: Event) -> int:
-        """Handle one C-STORE request; return its status."""
-        request = cast(C_STORE, event.request)
-        requested_class = str(request.AffectedSOPClassUID)
-        if requested_class not in SUPPORTED_SOP_CLASSES:
-            return STATUS_SOP_CLASS_NOT_SUPPORTED
-        return self.store_file(
-            event.dataset_path,
-            caller=str(event.assoc.requestor.ae_title).strip(),
-            connection=id(event.assoc),
-            requested_class=requested_class,
-            requested_instance=str(request.AffectedSOPInstanceUID),
-        ).status
-
     def store_file(
         self,
         source: Path,
@@ -243,7 +228,7 @@ class InstanceHandler:
         requested_instance: str | None = None,
         study_uid: str | None = None,
     ) -> StoreResult:
-        """Spool and record one received DICOM file (STOW-RS, and C-STORE in tests).
+        """Spool and record one received DICOM file (STOW-RS; a C-STORE collected in a file).
 
         C-STORE (:meth:`store_received`) and STOW-RS both come through the same checks, so
         durability (written and ``fsync``-ed before success), the spool floor, the SOP
@@ -267,7 +252,6 @@ class InstanceHandler:
             The study the instance must belong to (``POST /studies/{study}``).
         """
         checked = self._check(
-            source,
             source,
             label=requested_instance or source.name,
             requested_class=requested_class,
@@ -296,16 +280,11 @@ class InstanceHandler:
         the row is written by the recorder in a batch (the file is the write-ahead
         record; see :mod:`service.ingest_recorder`); without one the row is written here.
         """
-        if requested_class not in SUPPORTED_SOP_CLASSES:
-            return StoreResult(
-                STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {requested_class} not supported"
-            )
         # A CT Image in a Little Endian syntax with native pixels: its header is scanned
         # without building the whole dataset; anything else is read by pydicom.
         scanned = scan_header(data) if requested_class == CT_IMAGE_STORAGE else None
         checked = self._check(
-            io.BytesIO(data),
-            len(data),
+            data,
             label=requested_instance,
             requested_class=requested_class,
             requested_instance=requested_instance,
@@ -318,8 +297,7 @@ class InstanceHandler:
 
     def _check(
         self,
-        source: Path | BinaryIO,
-        size: Path | int,
+        source: Path | bytes,
         *,
         label: str,
         requested_class: str | None,
@@ -333,6 +311,12 @@ class InstanceHandler:
         (the C-STORE hot path); without it the file is read with pydicom.
         """
         prefix = b""
+        if requested_class is not None and requested_class not in SUPPORTED_SOP_CLASSES:
+            return StoreResult(
+                STATUS_SOP_CLASS_NOT_SUPPORTED, f"SOP class {requested_class} not supported"
+            )
+        size = source.stat().st_size if isinstance(source, Path) else len(source)
+        fp: Path | BinaryIO = source if isinstance(source, Path) else io.BytesIO(source)
 
         def refused(
             status: int, reason: str, sop_class_uid: str = "", sop_instance_uid: str = ""
@@ -355,14 +339,14 @@ class InstanceHandler:
 
         try:
             try:
-                ds = scanned if scanned is not None else dcmread(source, defer_size=_DEFER_BYTES)
+                ds = scanned if scanned is not None else dcmread(fp, defer_size=_DEFER_BYTES)
             except InvalidDicomError:
                 # File meta without the 128-byte preamble and "DICM" (pydicom 3 writes such
                 # files unless asked for the file format; dicomweb-client sends them): read
                 # it when the meta names its transfer syntax, else it is not DICOM.
-                if not isinstance(source, Path):
-                    source.seek(0)
-                ds = dcmread(source, defer_size=_DEFER_BYTES, force=True)
+                if not isinstance(fp, Path):
+                    fp.seek(0)
+                ds = dcmread(fp, defer_size=_DEFER_BYTES, force=True)
                 if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
                     raise
                 prefix = _PREAMBLE  # spooled as a proper Part 10 file
@@ -386,7 +370,7 @@ class InstanceHandler:
                 **uids,
             )
         try:
-            problem = _incomplete(ds, size.stat().st_size if isinstance(size, Path) else size)
+            problem = _incomplete(ds, size)
             if problem is not None:
                 logger.warning("sop %s cannot be stored: %s", label, problem)
                 return refused(STATUS_CANNOT_UNDERSTAND, problem, **uids)

@@ -53,7 +53,6 @@ class ChildSpec:
     dicom: DicomSettings
     storage: StorageSettings
     database_url: str
-    port: int
     log_level: int
 
 
@@ -136,8 +135,8 @@ class ListenerProcesses:
         self._loads_lock = threading.Lock()
         self._pump: threading.Thread | None = None
 
-    def start(self, port: int) -> None:
-        """Start the children on `port` and wait until each is listening."""
+    def start(self) -> None:
+        """Start the children and wait until each is ready for connections."""
         self._pump = threading.Thread(target=self._drain, name="listener-events", daemon=True)
         self._pump.start()
         readies = []
@@ -148,7 +147,6 @@ class ListenerProcesses:
                 self.dicom,
                 self.storage,
                 self.database_url,
-                port,
                 logging.getLogger().getEffectiveLevel(),
             )
             ours, theirs = self._context.Pipe()
@@ -172,7 +170,7 @@ class ListenerProcesses:
                     raise RuntimeError(
                         f"listener process {index} did not start (exit code {process.exitcode})"
                     )
-        logger.info("%d more listener processes for port %d", self.count, port)
+        logger.info("%d more listener processes", self.count)
 
     def open_connections(self) -> int:
         """Connections the children serve now."""

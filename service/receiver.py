@@ -40,7 +40,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
-from pynetdicom.events import Event
 
 from service.config import DicomSettings, StorageSettings, TlsSettings
 from service.ingest_recorder import BatchRecorder
@@ -155,8 +154,6 @@ class Receiver:
         Told about stored instances and ended associations (the assembler).
     metrics
         Where instances, bytes and refusals are counted (none when ``None``).
-    reuse_port
-        Listen with ``SO_REUSEPORT``, so that several node processes share the port.
     first_association_id
         Association ids count up from here (a child listener process's range).
     recover
@@ -177,7 +174,6 @@ class Receiver:
         *,
         listener: AssociationListener | None = None,
         metrics: NodeMetrics | None = None,
-        reuse_port: bool = False,
         first_association_id: int = 0,
         recover: bool = True,
         listen: bool = True,
@@ -196,7 +192,6 @@ class Receiver:
             metrics=metrics,
             transfer_syntaxes=SUPPORTED_TRANSFER_SYNTAXES,
         )
-        self.reuse_port = reuse_port
         self.first_association_id = first_association_id
         self.recover = recover
         self.listen = listen
@@ -242,7 +237,7 @@ class Receiver:
         )
         address = (self.dicom.bind_address, self.dicom.port) if self.listen else None
         try:
-            scp.start(address, reuse_port=self.reuse_port)
+            scp.start(address)
         except OSError:
             recorder.stop()
             raise
@@ -258,7 +253,7 @@ class Receiver:
                 child_main=serve_child_listener,
             )
             try:
-                children.start(self.port)
+                children.start()
             except BaseException:
                 self.stop()
                 raise
@@ -366,13 +361,6 @@ class Receiver:
         if self.listener is not None:
             self.listener.association_ended(connection, released=released)
 
-    def _on_store(self, event: Event) -> int:
-        """A pynetdicom C-STORE event through the same handler (tests, embedding)."""
-        status = self._handler(event)
-        if status != STATUS_SUCCESS and self.metrics is not None:
-            self.metrics.instances_refused.labels(status=f"0x{status:04X}").inc()
-        return status
-
 
 def serve_child_listener(
     spec: ChildSpec, events: Any, ready: Any, stop: Any, connections: Any
@@ -384,7 +372,7 @@ def serve_child_listener(
         format=f"%(asctime)s listener-{spec.index} %(levelname)s %(name)s: %(message)s",
     )
     store = JobStore(spec.database_url, retry=RetryPolicy())
-    dicom = spec.dicom.model_copy(update={"port": spec.port, "listener_processes": 1})
+    dicom = spec.dicom.model_copy(update={"listener_processes": 1})
     receiver = Receiver(
         dicom,
         spec.storage,

@@ -42,7 +42,6 @@ from collections.abc import Callable, Collection
 from service.ingest_recorder import BatchRecorder
 from service.instance_handler import (
     STATUS_OUT_OF_RESOURCES,
-    STATUS_SOP_CLASS_NOT_SUPPORTED,
     STATUS_SUCCESS,
     InstanceHandler,
 )
@@ -164,11 +163,9 @@ class StorageSCP:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, address: tuple[str, int] | None, *, reuse_port: bool = False) -> None:
-        """Bind and listen at `address`; accept in a background thread.
-
-        With `reuse_port`, several processes may listen on the same port (``SO_REUSEPORT``:
-        the kernel spreads new connections over them).
+    def start(self, address: tuple[str, int] | None) -> None:
+        """Bind and listen at `address`; accept in a background thread. ``None``: serve only
+        the connections passed to :meth:`serve_connection` (a listener process).
 
         Raises
         ------
@@ -182,8 +179,6 @@ class StorageSCP:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(128)
         except OSError:
@@ -455,9 +450,7 @@ class StorageSCP:
         command = message.command
         try:
             spilled = message.spilled()
-            if command.affected_sop_class not in self.sop_classes:
-                status = STATUS_SOP_CLASS_NOT_SUPPORTED
-            elif spilled is None:
+            if spilled is None:
                 status = self.handler.store_received(
                     message.data(),
                     caller=assoc.calling_ae,

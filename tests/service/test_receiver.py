@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -206,14 +205,6 @@ def test_missing_uid_cannot_be_understood(
     assert sqlite_store.list_jobs() == []
 
 
-def fake_store_event(path: Path, sop_class: str, sop_instance: str) -> Any:
-    return SimpleNamespace(
-        request=SimpleNamespace(AffectedSOPClassUID=sop_class, AffectedSOPInstanceUID=sop_instance),
-        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="STORESCU")),
-        dataset_path=path,
-    )
-
-
 def test_mismatch_and_unsupported_class_statuses(
     tmp_path: Path, sqlite_store: JobStore, ct_series: Callable[..., CTSeries]
 ) -> None:
@@ -225,19 +216,24 @@ def test_mismatch_and_unsupported_class_statuses(
     (tmp_path / "spool").mkdir()
     series = ct_series(1)
     path, ds = series.paths[0], series.datasets[0]
-    on_store = receiver._on_store
-    assert (
-        on_store(fake_store_event(path, CTImageStorage, generate_uid())) == STATUS_DATASET_MISMATCH
-    )
-    assert on_store(fake_store_event(path, "1.2.840.10008.5.1.4.1.1.4", ds.SOPInstanceUID)) == (
+
+    def on_store(source: Path, sop_class: str, sop_instance: str) -> int:
+        return receiver.store_file(
+            source,
+            caller="STORESCU",
+            connection=0,
+            requested_class=sop_class,
+            requested_instance=sop_instance,
+        ).status
+
+    assert on_store(path, CTImageStorage, generate_uid()) == STATUS_DATASET_MISMATCH
+    assert on_store(path, "1.2.840.10008.5.1.4.1.1.4", ds.SOPInstanceUID) == (
         STATUS_SOP_CLASS_NOT_SUPPORTED
     )
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
-    assert on_store(fake_store_event(garbage, CTImageStorage, ds.SOPInstanceUID)) == (
-        STATUS_CANNOT_UNDERSTAND
-    )
-    assert on_store(fake_store_event(path, CTImageStorage, ds.SOPInstanceUID)) == 0
+    assert on_store(garbage, CTImageStorage, ds.SOPInstanceUID) == (STATUS_CANNOT_UNDERSTAND)
+    assert on_store(path, CTImageStorage, ds.SOPInstanceUID) == 0
 
 
 @needs_dcmtk
