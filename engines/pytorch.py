@@ -19,21 +19,8 @@ __all__ = ["PyTorchEngine", "ReportGenerator", "decoded_ids", "resolve_device"]
 
 
 class PyTorchEngine(Engine):
-    """UniCT in PyTorch eager mode on CPU or CUDA, optionally through ``torch.compile``.
-
-    Parameters
-    ----------
-    bundle
-        The loaded checkpoint.
-    device
-        ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when present).
-    half
-        Run the visual path in FP16 (CUDA only).
-    compile
-        Wrap the network in ``torch.compile``.
-    threads
-        CPU threads (``torch.set_num_threads``); 0 leaves the default.
-    """
+    """UniCT in PyTorch eager mode on CPU or CUDA: :class:`model.inference.Predictor`,
+    whose parameters these are, behind the engine interface."""
 
     name = "pytorch"
 
